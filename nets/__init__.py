@@ -1,0 +1,87 @@
+"""Model registry: one small builder per name; `build` wraps it with the input normalisation.
+
+    import nets
+    model = nets.build("alexnet", num_classes=200, image_size=56, mean=mean_image, lrn=True)
+
+A builder has the signature `builder(num_classes, image_size, *, option=default, ...)`; its
+keyword defaults are the model's options (`options(name)`), so a checkpoint can store the name
+plus the options and rebuild the same module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from nets.common import ArrayLike, Classifier, InputNorm
+
+Builder = Callable[..., nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+_POSITIONAL = ("num_classes", "image_size")
+
+
+class UnknownNetError(ValueError):
+    """A model name nobody registered."""
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(num_classes, image_size, **options)` under `name`."""
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorator
+
+
+def names() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _builder(name: str) -> Builder:
+    if name not in _REGISTRY:
+        raise UnknownNetError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def options(name: str) -> dict[str, object]:
+    """The model's keyword options and their defaults."""
+    params = inspect.signature(_builder(name)).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.name not in _POSITIONAL and p.default is not inspect.Parameter.empty
+    }
+
+
+def build(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    mean: ArrayLike | None = None,
+    std: ArrayLike | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Build model `name` for (B, 3, image_size, image_size) inputs in [0, 1].
+
+    `mean` is the training set's (3, H, W) mean image, `std` the per-channel std (both in
+    [0, 1] units); left out, they are placeholders that a checkpoint's state dict fills in.
+    """
+    valid = options(name)
+    for key in kwargs:
+        if key not in valid:
+            raise ValueError(
+                f"unknown option {key!r} for model {name!r}; "
+                f"valid options: {', '.join(valid) or '(none)'}"
+            )
+    body = _builder(name)(num_classes, image_size, **kwargs)
+    return Classifier(normalize=InputNorm(mean, std, image_size), body=body)
+
+
+# Imported last: each family module registers its builders with the registry above.
+from nets import alexnet, linear, mlp, resnet, vgg  # noqa: E402, F401

@@ -1,0 +1,16 @@
+"""Multinomial logistic regression on raw pixels: the baseline every convnet must beat."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nets import register
+
+
+@register("logreg")
+def logreg(num_classes: int, image_size: int) -> nn.Module:
+    """Flatten + one Linear layer."""
+    return nn.Sequential(
+        nn.Flatten(),  # (B, 3*s*s)
+        nn.Linear(3 * image_size * image_size, num_classes),  # (B, C)
+    )

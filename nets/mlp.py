@@ -1,0 +1,22 @@
+"""One-hidden-layer perceptron on raw pixels: the second baseline."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nets import register
+
+
+@register("mlp")
+def mlp(
+    num_classes: int, image_size: int, *, hidden: int = 1024, dropout: float = 0.0
+) -> nn.Module:
+    """Flatten + Linear + ReLU + Dropout + Linear."""
+    return nn.Sequential(
+        nn.Flatten(),  # (B, 3*s*s)
+        nn.Linear(3 * image_size * image_size, hidden),  # (B, hidden)
+        nn.ReLU(inplace=True),
+        # Always present (p=0 is a no-op) so the state-dict keys do not depend on the option.
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),  # (B, C)
+    )

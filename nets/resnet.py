@@ -1,0 +1,59 @@
+"""ResNet-18/34/50 for 32-64 px images: torchvision's ResNet with a small-image stem.
+
+torchvision's class is reused rather than rewritten so the state-dict keys match torchvision's
+pretrained weights everywhere except conv1 (useful for transfer learning later). Its stem (7x7
+stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one 3x3 conv of stride
+`stem_stride` and no max-pool, as in the CIFAR ResNets.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from nets import register
+from nets.common import init_weights
+
+
+def _resnet(
+    block: type[BasicBlock | Bottleneck],
+    layers: tuple[int, int, int, int],
+    num_classes: int,
+    stem_stride: int,
+    zero_init_residual: bool,
+) -> nn.Module:
+    # torchvision already inits convs with He (fan_out), BN with (1, 0), and zeroes each
+    # block's last BN when zero_init_residual (a block starts as the identity). With BN after
+    # every conv, fan_in vs fan_out does not matter, so its recipe is kept for the convs.
+    model = ResNet(
+        block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual
+    )
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=stem_stride, padding=1, bias=False)  # (B, 64, s, s)
+    model.maxpool = nn.Identity()
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    init_weights(model.fc, linear="xavier")  # the project's convention for Linear layers
+    return model
+
+
+@register("resnet18")
+def resnet18(
+    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+) -> nn.Module:
+    """ResNet-18: BasicBlock x (2, 2, 2, 2)."""
+    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
+
+
+@register("resnet34")
+def resnet34(
+    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+) -> nn.Module:
+    """ResNet-34: BasicBlock x (3, 4, 6, 3)."""
+    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
+
+
+@register("resnet50")
+def resnet50(
+    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+) -> nn.Module:
+    """ResNet-50: Bottleneck x (3, 4, 6, 3)."""
+    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)

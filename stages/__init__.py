@@ -1,0 +1,1 @@
+"""convnet-pipeline's stages: download, preprocess, train, evaluate, and their shared helpers."""

@@ -1,0 +1,102 @@
+"""The command line: one thin command per stage (`convnet train` == `python -m stages train`).
+
+Each command loads and validates params.yaml once (plus `--set key=value` overrides, the same
+syntax as `dvc exp run -S`) and calls the stage function. Errors a user can cause end with one
+line on stderr and a non-zero exit: 2 for bad parameters, 1 for missing or bad data.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from stages.errors import PipelineError
+from stages.params import Params, ParamsError, load
+
+app = typer.Typer(
+    help="Train convolutional networks from scratch: download -> preprocess -> train -> evaluate."
+    " Normally driven by `dvc repro`; each command runs one stage with params.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # keeps `dvc queue logs` readable
+)
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file to read.")
+SET = typer.Option(
+    [], "--set", "-S", help="Override a parameter, e.g. -S train.epochs=3 -S model=mlp."
+)
+
+
+def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
+    try:
+        p = load(params, overrides)
+    except ParamsError as err:
+        typer.echo(f"error: {params}: {err}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        stage(p)
+    except PipelineError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def download(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Fetch the raw files of `dataset` into out/raw/ (embedded sets need no network)."""
+    from stages.download import download as stage
+
+    _run(stage, params, set_)
+
+
+@app.command()
+def preprocess(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Decode out/raw/ into packed uint8 arrays, a validation split and the mean image."""
+    from stages.preprocess import preprocess as stage
+
+    _run(stage, params, set_)
+
+
+@app.command()
+def train(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Train `model` and write out/train/model.pt; logs one MLflow run."""
+    from stages.train import train as stage
+
+    _run(stage, params, set_)
+
+
+@app.command()
+def evaluate(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Single-crop and 10-crop accuracy, confusion matrix, metrics.json."""
+    from stages.evaluate import evaluate as stage
+
+    _run(stage, params, set_)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models and their options (set them under `nets.<model>`)."""
+    import nets
+
+    for name in nets.names():
+        opts = ", ".join(f"{k}={v!r}" for k, v in nets.options(name).items())
+        typer.echo(f"{name:10s} {opts}")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM (`dvc queue kill`, a job scheduler) unwinds like an exception, so the MLflow run
+    # is marked FAILED and temporary files are removed instead of being left behind.
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="convnet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

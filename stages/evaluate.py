@@ -1,0 +1,117 @@
+"""Stage 4, evaluate: single-crop and 10-crop accuracy of the trained model on the validation set.
+
+Writes out/evaluate/ as a whole: metrics.json (`dvc metrics show`), predictions.csv (`dvc plots`
+confusion matrix), per_class.csv, confusion_matrix.png, learning_curves.png; and adds the same
+metrics and pictures to the training's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+# The object-oriented Figure API draws to files without pyplot's global state or a display.
+from matplotlib.figure import Figure
+import mlflow
+import numpy as np
+import torch
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+from stages import checkpoint, paths, tracking
+from stages.data import load_processed
+from stages.files import atomic_dir, write_json
+from stages.inference import nll, predict_proba, topk_accuracy
+from stages.params import Params
+from stages.device import resolve_device
+
+
+def plot_learning_curves(history_csv: Path, out: Path) -> None:
+    """Loss and top-1 (train and val) per epoch, with the learning rate, in one figure."""
+    with open(history_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    col = {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+    fig = Figure(figsize=(13, 3.8))
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    ax_loss.plot(col["epoch"], col["train_loss"], label="train")
+    ax_loss.plot(col["epoch"], col["val_loss"], label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(col["epoch"], col["train_top1"], label="train top-1")
+    ax_acc.plot(col["epoch"], col["val_top1"], label="val top-1")
+    ax_acc.plot(col["epoch"], col["val_top5"], label="val top-5", linestyle="--")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.01))
+    ax_lr.plot(col["epoch"], col["lr"], color="tab:gray")
+    ax_lr.set(title="learning rate (epoch start)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def plot_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], out: Path) -> None:
+    """scikit-learn's confusion matrix; cell counts are printed only while they stay readable."""
+    matrix = confusion_matrix(labels, preds, labels=np.arange(len(classes)))
+    side = min(4 + 0.4 * len(classes), 40)
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    display = ConfusionMatrixDisplay(matrix, display_labels=classes)
+    display.plot(ax=ax, include_values=len(classes) <= 30, colorbar=False, xticks_rotation=90)
+    ax.set_title("confusion matrix (10-crop predictions)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def evaluate(p: Params) -> dict:
+    """Evaluate out/train/model.pt on the validation split; returns metrics.json's content."""
+    device = resolve_device(p.train.device)
+    state = checkpoint.load(paths.CHECKPOINT)
+    model = checkpoint.build_model(state).to(device)
+    data = load_processed()
+    labels = torch.from_numpy(data.val_labels)
+    size = state["image_size"]
+
+    metrics: dict = {}
+    probs = {}
+    for crops, name in ((1, "single_crop"), (10, "ten_crop")):
+        probs[name] = predict_proba(
+            model, data.val_images, size, crops, p.evaluate.batch_size, device
+        )
+        metrics[name] = topk_accuracy(probs[name], labels) | {"loss": nll(probs[name], labels)}
+    metrics["ten_crop_gain_top1"] = metrics["ten_crop"]["top1"] - metrics["single_crop"]["top1"]
+    preds = probs["ten_crop"].argmax(1).numpy()
+    truth = labels.numpy()
+
+    with atomic_dir(paths.EVALUATE) as out:
+        write_json(out / "metrics.json", metrics)
+        with open(out / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["actual", "predicted"])
+            writer.writerows((data.classes[a], data.classes[b]) for a, b in zip(truth, preds))
+        with open(out / "per_class.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "support", "top1"])
+            for k, name in enumerate(data.classes):
+                mask = truth == k
+                acc = float((preds[mask] == k).mean()) if mask.any() else float("nan")
+                writer.writerow([name, int(mask.sum()), f"{acc:.4f}"])
+        plot_confusion(truth, preds, data.classes, out / "confusion_matrix.png")
+        plot_learning_curves(paths.HISTORY, out / "learning_curves.png")
+
+    with tracking.run(run_id=state["mlflow_run_id"]):
+        mlflow.log_metrics(
+            {
+                "single_crop_top1": metrics["single_crop"]["top1"],
+                "single_crop_top5": metrics["single_crop"]["top5"],
+                "ten_crop_top1": metrics["ten_crop"]["top1"],
+                "ten_crop_top5": metrics["ten_crop"]["top5"],
+                "ten_crop_gain_top1": metrics["ten_crop_gain_top1"],
+            }
+        )
+        for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "learning_curves.png"):
+            mlflow.log_artifact(str(paths.EVALUATE / name), artifact_path="evaluate")
+    print(
+        f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
+        f" {metrics['ten_crop']['top1']:.2%} 10-crop"
+        f" (top-5 {metrics['single_crop']['top5']:.2%} / {metrics['ten_crop']['top5']:.2%})"
+    )
+    return metrics

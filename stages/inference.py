@@ -1,0 +1,57 @@
+"""Batched prediction and accuracy, shared by train (per-epoch validation), evaluate and report."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.data import center_crop, ten_crop
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    size: int,
+    crops: int = 1,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3).
+
+    crops=1: the centre crop. crops=10: 4 corners + centre and their mirrors, softmax averaged;
+    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch.
+    """
+    if crops not in (1, 10):
+        raise ValueError(f"crops must be 1 or 10, got {crops}")
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.as_tensor(np.asarray(images[start : start + batch_size])).to(device)
+        if crops == 1:
+            probs = model(center_crop(chunk, size)).float().softmax(-1)  # (B, K)
+        else:
+            views = ten_crop(chunk, size)  # (B, 10, 3, S, S)
+            logits = model(views.flatten(0, 1)).float()  # (B*10, K)
+            probs = logits.softmax(-1).view(len(chunk), 10, -1).mean(1)  # (B, K)
+        out.append(probs.cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """{"top1": ..., "top5": ...} as fractions; k larger than the class count counts as all."""
+    labels = torch.as_tensor(labels)
+    k_max = min(max(ks), probs.shape[1])
+    top = probs.topk(k_max, dim=1).indices  # (N, k_max)
+    hits = top == labels[:, None]  # (N, k_max)
+    return {f"top{k}": hits[:, : min(k, k_max)].any(1).float().mean().item() for k in ks}
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class (cross-entropy for one crop)."""
+    labels = torch.as_tensor(labels)
+    picked = probs[torch.arange(len(labels)), labels]
+    return -picked.clamp_min(1e-12).log().mean().item()

@@ -1,0 +1,218 @@
+"""Pipeline configuration: frozen dataclasses mirroring params.yaml, loaded and validated once.
+
+The CLI calls `load()`; every stage function receives the resulting `Params` and never opens
+params.yaml itself. Unknown keys, wrong types and out-of-range values raise `ParamsError`
+naming the key, which the CLI turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.datasets import DATASETS
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml or in a command-line override."""
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    data_dir: str = "data"  # looked at first for archives a user placed by hand
+    mirror: str = ""  # alternative base address for the official files ("" = official)
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    val_fraction: float = 0.2  # stratified split for sources without an official one
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "preprocess.val_fraction", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 15
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = 1
+    step_epochs: int = 30  # "step" schedule: divide the rate by 10 every step_epochs
+    label_smoothing: float = 0.0
+    crop_size: int = 28  # random crops of this size for training, centre/10-crop for evaluation
+    pad: int = 0  # zero padding before the random crop
+    flip: bool = True  # random horizontal flip
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be a positive integer")
+        _check(self.batch_size >= 1, "train.batch_size", "must be a positive integer")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.step_epochs >= 1, "train.step_epochs", "must be a positive integer")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _check(self.crop_size >= 8, "train.crop_size", "must be at least 8")
+        _check(self.pad >= 0, "train.pad", "must be >= 0")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            "must be one of: auto, cpu, cuda, cuda:N",
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "evaluate.batch_size", "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    dataset: str = "digits"
+    model: str = "resnet18"
+    download: DownloadParams = field(default_factory=DownloadParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    # Per-architecture options, e.g. {"alexnet": {"activation": "prelu"}}; only the entry of
+    # `model` is used, so `-S model=...` switches architecture without editing this.
+    nets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import nets as net_registry  # imports torch: only here, once the cheap checks passed
+
+        _check(self.dataset in DATASETS, "dataset", f"must be one of: {', '.join(DATASETS)}")
+        valid = net_registry.names()
+        _check(self.model in valid, "model", f"must be one of: {', '.join(valid)}")
+        for name, opts in self.nets.items():
+            _check(name in valid, f"nets.{name}", f"is not a model; models: {', '.join(valid)}")
+            _check(isinstance(opts, dict), f"nets.{name}", "must be a mapping of options")
+            allowed = net_registry.options(name)
+            for key in opts:
+                _check(
+                    key in allowed,
+                    f"nets.{name}.{key}",
+                    f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
+                )
+        size = DATASETS[self.dataset].image_size
+        _check(
+            self.train.crop_size <= size + 2 * self.train.pad,
+            "train.crop_size",
+            f"is {self.train.crop_size} but {self.dataset} images are {size}x{size}"
+            f" (+{self.train.pad} padding); use a crop of at most {size + 2 * self.train.pad}",
+        )
+
+    @property
+    def net_options(self) -> dict[str, Any]:
+        """Options of the selected model (empty when params.yaml sets none)."""
+        return dict(self.nets.get(self.model, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ParamsError(f"{key}: {message}")
+
+
+def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml, apply `key.sub=value` overrides (YAML values), validate, return Params."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the repository root")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> Params:
+    """Build Params from a plain mapping, rejecting unknown keys and wrong types by name."""
+    return _build(Params, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ParamsError(
+            f"{prefix}{unknown[0]}: unknown key; valid keys: {', '.join(sorted(fields))}"
+        )
+    values = {name: _convert(hints[name], data[name], prefix + name) for name in data}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _check(value in choices, key, f"must be one of: {', '.join(map(str, choices))}")
+        return value
+    if origin in (dict, types.GenericAlias):
+        _check(isinstance(value, dict), key, "must be a mapping")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+    elif hint is int:
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            key,
+            f"must be an integer, got {value!r}",
+        )
+    elif hint is float:
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            key,
+            f"must be a number, got {value!r}",
+        )
+        value = float(value)
+    elif hint is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+    return value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}: the form MLflow shows and compares."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

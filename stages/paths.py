@@ -1,0 +1,16 @@
+"""Where each stage reads and writes, relative to the repository root (DVC runs stages there).
+
+dvc.yaml names the same paths; keep the two in step.
+"""
+
+from pathlib import Path
+
+OUT = Path("out")
+RAW = OUT / "raw"  # download: raw files, untouched
+PROCESSED = OUT / "processed"  # preprocess: packed uint8 arrays, labels, classes, mean image
+TRAIN = OUT / "train"  # train: checkpoint, per-epoch history, MLflow run id
+EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-class accuracy
+
+CHECKPOINT = TRAIN / "model.pt"
+HISTORY = TRAIN / "history.csv"
+RUN_INFO = TRAIN / "run.json"

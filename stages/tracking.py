@@ -1,0 +1,85 @@
+"""MLflow: where the store lives, creating it safely, and the lifecycle of one run.
+
+The store is `sqlite:///$DVC_ROOT/mlflow.db` with artifacts in `$DVC_ROOT/mlartifacts`: DVC sets
+DVC_ROOT to the main repository even for queued and --temp experiments, whose own workspace is
+deleted afterwards, so every run lands in one place. Outside DVC the current directory is the
+root. MLFLOW_TRACKING_URI, when set, wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+
+EXPERIMENT = "convnet-pipeline"
+
+
+def root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def setup() -> str:
+    """Point MLflow at the store and return the experiment id, creating both if needed.
+
+    Parallel queued runs racing to create a fresh sqlite store fail in its schema migration,
+    so creation is serialised by a file lock beside the store.
+    """
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    mlflow.set_tracking_uri(tracking_uri())
+    with _file_lock(root() / ".mlflow.lock"):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return mlflow.create_experiment(name, artifact_location=(root() / "mlartifacts").as_uri())
+
+
+def git_commit() -> str:
+    """The commit the code came from ("" outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def run_tags(dataset: str, model: str) -> dict[str, str]:
+    """Tags that let the MLflow UI filter runs by dataset, model and DVC experiment."""
+    return {
+        "dataset": dataset,
+        "model": model,
+        "git_commit": git_commit(),
+        # DVC names each experiment (e.g. "lucid-pogo"); MLflow's own git tag only sees the
+        # baseline commit, so this tag is what ties a run to `dvc exp show`.
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+    }
+
+
+@contextlib.contextmanager
+def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
+    """Start (or reopen, with `run_id`) a run; any exception, Ctrl-C or SIGTERM ends it FAILED."""
+    experiment_id = setup()
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs) as active:
+        yield active
