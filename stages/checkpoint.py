@@ -39,7 +39,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint of this project ({first})")
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint of this project ({first})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (format != {FORMAT})")
     return state

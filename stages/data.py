@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.errors import PipelineError
 from stages import paths
+from stages.errors import PipelineError
 
 
 class DataError(PipelineError):
@@ -128,6 +128,6 @@ def ten_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     h, w = images.shape[1:3]
     offsets = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
     offsets.append(((h - size) // 2, (w - size) // 2))
-    crops = [to_float(images[:, t : t + size, l : l + size]) for t, l in offsets]  # 5 x (B,3,S,S)
+    crops = [to_float(images[:, t : t + size, x : x + size]) for t, x in offsets]  # 5 (B,3,S,S)
     crops += [c.flip(-1) for c in crops]
     return torch.stack(crops, dim=1)  # (B, 10, 3, S, S)

@@ -1,4 +1,4 @@
-"""The datasets the pipeline knows: one table, read by params validation, download and preprocess."""
+"""The datasets the pipeline knows: one table, read by params validation, download, preprocess."""
 
 from __future__ import annotations
 

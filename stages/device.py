@@ -6,7 +6,7 @@ import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> the first GPU if there is one, else the CPU; any other name as given."""
+    """ "auto" -> the first GPU if there is one, else the CPU; any other name as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -10,19 +10,20 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-# The object-oriented Figure API draws to files without pyplot's global state or a display.
-from matplotlib.figure import Figure
 import mlflow
 import numpy as np
 import torch
+
+# The object-oriented Figure API draws to files without pyplot's global state or a display.
+from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages import checkpoint, paths, tracking
 from stages.data import load_processed
+from stages.device import resolve_device
 from stages.files import atomic_dir, write_json
 from stages.inference import nll, predict_proba, topk_accuracy
 from stages.params import Params
-from stages.device import resolve_device
 
 
 def plot_learning_curves(history_csv: Path, out: Path) -> None:
@@ -86,7 +87,8 @@ def evaluate(p: Params) -> dict:
         with open(out / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["actual", "predicted"])
-            writer.writerows((data.classes[a], data.classes[b]) for a, b in zip(truth, preds))
+            for a, b in zip(truth, preds, strict=True):
+                writer.writerow([data.classes[a], data.classes[b]])
         with open(out / "per_class.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["class", "support", "top1"])
@@ -107,8 +109,7 @@ def evaluate(p: Params) -> dict:
                 "ten_crop_gain_top1": metrics["ten_crop_gain_top1"],
             }
         )
-        for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "learning_curves.png"):
-            mlflow.log_artifact(str(paths.EVALUATE / name), artifact_path="evaluate")
+        mlflow.log_artifacts(str(paths.EVALUATE), artifact_path="evaluate")
     print(
         f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
         f" {metrics['ten_crop']['top1']:.2%} 10-crop"

@@ -31,7 +31,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Decay weights only: decaying biases and norm scales just fights the normalisation.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], TrainParams], torch.optim.Optimizer]] = {
@@ -163,7 +166,8 @@ def train(p: Params) -> dict[str, float]:
             )  # fmt: skip
             seconds = time.perf_counter() - start
             row |= validate(model, data, p, device)
-            row |= {"lr": lr, "epoch_seconds": seconds, "images_per_second": steps * t.batch_size / seconds}
+            row |= {"lr": lr, "epoch_seconds": seconds}
+            row["images_per_second"] = steps * t.batch_size / seconds
             history.append({"epoch": epoch, **row})
             _write_history(history)
             mlflow.log_metrics(row, step=epoch)

@@ -1,5 +1,7 @@
 """Bad parameters fail before any work: one line naming the key and the allowed values, exit 2."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -42,7 +44,7 @@ def test_bad_value_in_the_file(tmp_path, monkeypatch):
 
 def test_repository_params_are_valid_and_complete():
     p = params.load("params.yaml")
-    data = yaml.safe_load(open("params.yaml"))
+    data = yaml.safe_load(Path("params.yaml").read_text())
     # Every key has a home in the dataclasses and every dataclass field is in the file,
     # so `dvc exp run -S key=...` can override each of them.
     assert params.flatten(p.to_dict()).keys() == params.flatten(data).keys()
