@@ -39,10 +39,10 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 15
-    batch_size: int = 128
+    epochs: int = 10
+    batch_size: int = 32
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -85,7 +85,7 @@ class EvaluateParams:
 class Params:
     seed: int = 0
     dataset: str = "digits"
-    model: str = "resnet18"
+    model: str = "alexnet"
     download: DownloadParams = field(default_factory=DownloadParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     train: TrainParams = field(default_factory=TrainParams)

@@ -1,0 +1,103 @@
+"""The whole pipeline through DVC in a temporary copy of the repository, MLflow store included.
+
+Runs `dvc repro` on a reduced config, `dvc exp run -S model=mlp`, two queued experiments in
+parallel (`dvc queue start -j 2`), then checks `dvc metrics show` and reads the MLflow store
+that every one of them must have written to (the copy's root, even for queued runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def sh(*cmd: str, cwd: Path, env: dict, timeout: int = 600) -> str:
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict]:
+    """A fresh git repository holding this checkout's files (committed or not), reduced config."""
+    dest = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["model"] = "logreg"
+    params["train"].update(epochs=2, batch_size=256)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t")
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+    sh("git", "init", "-q", "-b", "main", cwd=dest, env=env)
+    sh("git", "add", "-A", cwd=dest, env=env)
+    sh("git", "commit", "-q", "-m", "pipeline", cwd=dest, env=env)
+    return dest, env
+
+
+def runs(repo: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("convnet-pipeline")
+    return client.search_runs([experiment.experiment_id]), client
+
+
+def test_repro_then_experiments_land_in_one_mlflow_store(repo):
+    path, env = repo
+    sh("dvc", "repro", cwd=path, env=env)
+    metrics = sh("dvc", "metrics", "show", cwd=path, env=env)
+    assert "ten_crop.top1" in metrics and "single_crop.top1" in metrics
+    for name in ("confusion_matrix.png", "learning_curves.png", "predictions.csv"):
+        assert (path / "out/evaluate" / name).stat().st_size > 0
+
+    sh("dvc", "exp", "run", "-S", "model=mlp", cwd=path, env=env)
+    sh("dvc", "exp", "run", "--queue", "-S", "model=logreg,mlp", "-S", "train.epochs=1",
+       cwd=path, env=env)  # fmt: skip
+    sh("dvc", "queue", "start", "-j", "2", cwd=path, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh("dvc", "queue", "status", cwd=path, env=env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    table = sh("dvc", "exp", "show", "--no-pager", "--md", cwd=path, env=env)
+    assert "mlp" in table and "ten_crop.top1" in table
+
+    found, client = runs(path)
+    assert len(found) == 4, [r.info.run_name for r in found]
+    assert all(r.info.status == "FINISHED" for r in found)
+    assert sorted(r.info.run_name for r in found) == ["logreg", "logreg", "mlp", "mlp"]
+    queued = [r for r in found if r.data.params["train.epochs"] == "1"]
+    assert len(queued) == 2 and all(r.data.tags["dvc_exp_name"] for r in queued)
+    for run in found:
+        epochs = int(run.data.params["train.epochs"])
+        history = client.get_metric_history(run.info.run_id, "val_top1")
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert 0 <= run.data.metrics["ten_crop_top1"] <= 1
+        assert run.data.tags["dataset"] == "digits"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+        assert "evaluate/confusion_matrix.png" in artifacts
+        assert mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model") is not None
