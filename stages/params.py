@@ -85,16 +85,6 @@ class PreprocessParams:
         _check(0.0 < self.val_fraction < 1.0, "preprocess.val_fraction", "must be in (0, 1)")
         _check(8 <= self.image_size <= 1024, "preprocess.image_size", "must be in [8, 1024]")
         _check(self.workers >= 0, "preprocess.workers", "must be >= 0 (0 = every core)")
-        # Circles need room: half the image area at most, or placing them fails.
-        s = self.shapes
-        area = s.max_count * 3.15 * (s.max_radius + 1) ** 2
-        _check(
-            area <= 0.5 * self.image_size**2 and 2 * s.max_radius + 2 < self.image_size,
-            "preprocess.shapes",
-            f"{s.max_count} circles of radius {s.max_radius} do not fit in"
-            f" {self.image_size}x{self.image_size} images; lower max_count or max_radius,"
-            " or raise preprocess.image_size",
-        )
 
 
 @dataclass(frozen=True)
@@ -171,6 +161,16 @@ class Params:
                     f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
                 )
         size = DATASETS[self.dataset].image_size or self.preprocess.image_size
+        if self.dataset == "shapes":
+            # Circles need room: half the image area at most, or placing them fails.
+            s = self.preprocess.shapes
+            area = s.max_count * 3.15 * (s.max_radius + 1) ** 2
+            _check(
+                area <= 0.5 * size**2 and 2 * s.max_radius + 2 < size,
+                "preprocess.shapes",
+                f"{s.max_count} circles of radius {s.max_radius} do not fit in {size}x{size}"
+                " images; lower max_count or max_radius, or raise preprocess.image_size",
+            )
         _check(
             self.train.crop_size <= size + 2 * self.train.pad,
             "train.crop_size",
