@@ -3,12 +3,18 @@
 Used by preprocess (Tiny ImageNet's 120,000 JPEGs, your own image folders) and by
 benchmarks/preprocess_decode.py. Workers are processes (each decodes a chunk of files and sends
 back one (n, size, size, 3) block); the parent copies each block into the preallocated result,
-so the peak is the result plus a few chunks in flight. This module imports no torch, so workers
-start light.
+so the peak is the result plus a few chunks in flight.
+
+Complete JPEGs that need no resizing (Tiny ImageNet) go through torchvision.io.decode_jpeg, a
+whole chunk per call: the same libjpeg-turbo as PIL, identical pixels (checked by the tests and
+the benchmark), about 3x faster per image here because it skips PIL's per-image Python work.
+Everything else (PNG, WebP, resizing, and any file the fast path rejects) goes through PIL,
+which also names the reason a file cannot be decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -71,18 +77,57 @@ def load_rgb(path: str | Path, size: int, fit: bool) -> np.ndarray:
         return np.asarray(img)  # (size, size, 3)
 
 
+def _fast_jpegs(files: Sequence[str], size: int) -> np.ndarray | None:
+    """Decode a chunk of JPEGs in one torchvision call, or None to fall back to PIL."""
+    if not all(f.lower().endswith((".jpeg", ".jpg")) for f in files):
+        return None
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    datas = []
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        # libjpeg only warns about a missing end marker (and fills grey); PIL raises instead.
+        if not (data.startswith(b"\xff\xd8") and data.rstrip(b"\x00").endswith(b"\xff\xd9")):
+            return None
+        datas.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    try:
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB)  # list of (3, h, w)
+    except RuntimeError:
+        return None
+    if any(tuple(im.shape) != (3, size, size) for im in images):
+        return None
+    return torch.stack(images).permute(0, 2, 3, 1).numpy()  # (n, size, size, 3)
+
+
 def _decode_chunk(
     task: tuple[int, Sequence[str], int, bool],
 ) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
     start, files, size, fit = task
-    block = np.zeros((len(files), size, size, 3), dtype=np.uint8)  # (n, size, size, 3)
     bad: list[tuple[int, str]] = []
+    fast = None if fit else _fast_jpegs(files, size)
+    if fast is not None:
+        return start, fast, bad
+    block = np.zeros((len(files), size, size, 3), dtype=np.uint8)  # (n, size, size, 3)
     for i, path in enumerate(files):
         try:
             block[i] = load_rgb(path, size, fit)
         except Exception as err:  # any decoder failure is reported by path, never dropped
             bad.append((start + i, f"{type(err).__name__}: {err}"))
     return start, block, bad
+
+
+def _worker_init() -> None:
+    # One thread per worker process: the processes are the parallelism.
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
 
 
 def decode_files(
@@ -100,6 +145,9 @@ def decode_files(
     """
     from tqdm import tqdm
 
+    with contextlib.suppress(ImportError):
+        import torchvision.io  # noqa: F401  (imported once here, inherited by forked workers)
+
     names = [str(f) for f in files]
     out = np.empty((len(names), size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
     tasks = [(s, names[s : s + CHUNK], size, fit) for s in range(0, len(names), CHUNK)]
@@ -112,7 +160,7 @@ def decode_files(
     else:
         # fork (Linux) starts workers in milliseconds; elsewhere fork is unsafe, so spawn.
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ctx.Pool(workers)
+        pool = ctx.Pool(workers, initializer=_worker_init)
         results = pool.imap_unordered(_decode_chunk, tasks)
     try:
         for start, block, block_bad in results:
