@@ -27,14 +27,64 @@ class ParamsError(ValueError):
 class DownloadParams:
     data_dir: str = "data"  # looked at first for archives a user placed by hand
     mirror: str = ""  # alternative base address for the official files ("" = official)
+    folder: str = "images"  # dataset "folder": your images under <data_dir>/<folder>/<class>/
+    retries: int = 4  # attempts per address on connection errors and 5xx, with backoff
+    timeout: float = 60.0  # seconds without a byte before a connection counts as dropped
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data_dir), "download.data_dir", "must not be empty")
+        _check(
+            self.mirror == "" or self.mirror.startswith(("http://", "https://")),
+            "download.mirror",
+            f"must be empty or an http(s):// address, got {self.mirror!r}",
+        )
+        _check(
+            bool(self.folder) and "/" not in self.folder and self.folder not in (".", ".."),
+            "download.folder",
+            f"must be one folder name inside download.data_dir, got {self.folder!r}",
+        )
+        _check(self.retries >= 1, "download.retries", "must be a positive integer")
+        _check(self.timeout > 0, "download.timeout", "must be positive")
+
+
+@dataclass(frozen=True)
+class ShapesParams:
+    """The synthetic counting set: images of N filled circles, class = N."""
+
+    min_count: int = 1
+    max_count: int = 5
+    per_class: int = 1000  # images generated per count
+    min_radius: int = 3  # equal radii: fixed-size circles; different: sizes vary per circle
+    max_radius: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.min_count >= 1, "preprocess.shapes.min_count", "must be at least 1")
+        _check(
+            self.max_count >= self.min_count,
+            "preprocess.shapes.max_count",
+            f"must be >= min_count ({self.min_count})",
+        )
+        _check(self.per_class >= 2, "preprocess.shapes.per_class", "must be at least 2")
+        _check(self.min_radius >= 1, "preprocess.shapes.min_radius", "must be at least 1")
+        _check(
+            self.max_radius >= self.min_radius,
+            "preprocess.shapes.max_radius",
+            f"must be >= min_radius ({self.min_radius})",
+        )
 
 
 @dataclass(frozen=True)
 class PreprocessParams:
     val_fraction: float = 0.2  # stratified split for sources without an official one
+    image_size: int = 32  # side of the images for `folder` and `shapes` (others are fixed)
+    skip_bad_images: bool = False  # false: an undecodable file fails the stage, listing it
+    workers: int = 0  # processes decoding images; 0 = every available core
+    shapes: ShapesParams = field(default_factory=ShapesParams)
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "preprocess.val_fraction", "must be in (0, 1)")
+        _check(8 <= self.image_size <= 1024, "preprocess.image_size", "must be in [8, 1024]")
+        _check(self.workers >= 0, "preprocess.workers", "must be >= 0 (0 = every core)")
 
 
 @dataclass(frozen=True)
@@ -110,7 +160,17 @@ class Params:
                     f"nets.{name}.{key}",
                     f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
                 )
-        size = DATASETS[self.dataset].image_size
+        size = DATASETS[self.dataset].image_size or self.preprocess.image_size
+        if self.dataset == "shapes":
+            # Circles need room: half the image area at most, or placing them fails.
+            s = self.preprocess.shapes
+            area = s.max_count * 3.15 * (s.max_radius + 1) ** 2
+            _check(
+                area <= 0.5 * size**2 and 2 * s.max_radius + 2 < size,
+                "preprocess.shapes",
+                f"{s.max_count} circles of radius {s.max_radius} do not fit in {size}x{size}"
+                " images; lower max_count or max_radius, or raise preprocess.image_size",
+            )
         _check(
             self.train.crop_size <= size + 2 * self.train.pad,
             "train.crop_size",
