@@ -43,6 +43,10 @@ def read_image(path: Path, size: int) -> np.ndarray:
 
 def stored_image_size(state: dict) -> int:
     """The side of the images the checkpoint's model was trained from (before cropping)."""
+    # The model's mean image has the stored images' size (unless it is a per-channel mean).
+    mean = state["model"].get("normalize.mean")
+    if mean is not None and mean.dim() == 3 and mean.shape[-1] > 1:
+        return int(mean.shape[-1])
     dataset = state.get("params", {}).get("dataset")
     spec = DATASETS.get(dataset) if dataset else None
     return spec.image_size if spec else int(state["image_size"])
