@@ -78,6 +78,85 @@ def evaluate(params: Path = PARAMS, set_: list[str] = SET) -> None:
 
 
 @app.command()
+def report(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Saliency, filters, augmentation preview, curves, confused pairs -> out/report/ + MLflow."""
+    from stages.report import report as stage
+
+    _run(stage, params, set_)
+
+
+def _guard(action: Callable[[], Any]) -> None:
+    """Run a command that takes no params.yaml: user errors -> one line, exit 1."""
+    try:
+        action()
+    except PipelineError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files (any size and mode)."),
+    checkpoint: Path = typer.Option(Path("out/train/model.pt"), help="Checkpoint to use."),
+    top: int = typer.Option(5, help="How many classes to print per image."),
+    crops: int = typer.Option(10, help="1 (centre crop) or 10 (corners, centre, mirrors)."),
+    saliency: Path | None = typer.Option(None, help="Also write the saliency picture here."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Top-k classes with probabilities for each image file, from the checkpoint alone."""
+    from stages.predict import predict as command
+
+    _guard(lambda: command(images, checkpoint, top, crops, saliency, device))
+
+
+@app.command("lr-find")
+def lr_find(
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+    start: float = typer.Option(1e-6, help="First learning rate."),
+    end: float = typer.Option(
+        10.0, help="Last learning rate (the test stops earlier if the loss diverges)."
+    ),
+    steps: int = typer.Option(
+        100, help="Mini-batches over which the rate grows from start to end."
+    ),
+) -> None:
+    """Learning-rate range test for params.yaml's model: plot + suggested train.lr."""
+    from stages.lrfind import lr_find as command
+
+    _run(lambda p: command(p, start, end, steps), params, set_)
+
+
+@app.command()
+def ensemble(
+    members: list[str] = typer.Argument(..., help="Checkpoint files or MLflow run ids."),
+    crops: int = typer.Option(10, help="1 (centre crop) or 10 crops per image."),
+    out: Path | None = typer.Option(None, help="Also write the metrics as JSON here."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Average the members' softmax on the validation set; top-1/5 of each and of the mean."""
+    from stages.ensemble import ensemble as command
+
+    _guard(lambda: command(members, crops, out, device))
+
+
+@app.command()
+def submit(
+    images: Path = typer.Option(
+        Path("out/raw/tiny-imagenet-200/test/images"), help="Folder of unlabeled test images."
+    ),
+    checkpoint: Path = typer.Option(Path("out/train/model.pt"), help="Checkpoint to use."),
+    out: Path = typer.Option(Path("out/submission.txt"), help="Submission file to write."),
+    crops: int = typer.Option(10, help="1 (centre crop) or 10 crops per image."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Tiny ImageNet challenge file: one line per test image, `file_name wnid`."""
+    from stages.submit import submit as command
+
+    _guard(lambda: command(images, checkpoint, out, crops, device))
+
+
+@app.command()
 def models() -> None:
     """List the registered models and their options (set them under `nets.<model>`)."""
     import nets

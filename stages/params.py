@@ -104,6 +104,10 @@ class TrainParams:
     pad: int = 0  # zero padding before the random crop
     flip: bool = True  # random horizontal flip
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Transfer learning (stages/pretrained.py): "scratch", "pretrained" (torchvision's ImageNet
+    # weights) or the path of one of this project's checkpoints.
+    init: str = "scratch"
+    freeze_epochs: int = 0  # train only the new layers for this many epochs first
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be a positive integer")
@@ -121,6 +125,13 @@ class TrainParams:
             "train.device",
             "must be one of: auto, cpu, cuda, cuda:N",
         )
+        _check(bool(self.init), "train.init", "must be scratch, pretrained or a checkpoint path")
+        _check(self.freeze_epochs >= 0, "train.freeze_epochs", "must be >= 0")
+        _check(
+            self.freeze_epochs == 0 or self.init != "scratch",
+            "train.freeze_epochs",
+            "needs train.init: pretrained or a checkpoint path (nothing to freeze from scratch)",
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,37 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be a positive integer")
+
+
+REPORT_PICTURES = ("predictions", "mistakes", "filters", "augmentation", "curves", "confusion")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    # Which pictures the report stage draws (any subset of REPORT_PICTURES).
+    pictures: list[str] = field(default_factory=lambda: list(REPORT_PICTURES))
+    num_images: int = 10  # images in the predictions and mistakes pictures
+    seed: int = 0  # draws those images; separate from `seed` so a new sample needs no retraining
+    augment_images: int = 32  # training images in the augmentation preview
+    top_pairs: int = 20  # rows of the most-confused-pairs table
+    ascent_steps: int = 20  # gradient-ascent steps per filter picture (CPU time grows linearly)
+    ascent_lr: float = 0.1
+    max_channels: int = 32  # channels shown per gradient-ascent grid
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.pictures, list), "report.pictures", "must be a list")
+        for name in self.pictures:
+            _check(
+                name in REPORT_PICTURES,
+                "report.pictures",
+                f"{name!r} is not a picture; choose from: {', '.join(REPORT_PICTURES)}",
+            )
+        _check(self.num_images >= 1, "report.num_images", "must be a positive integer")
+        _check(self.augment_images >= 1, "report.augment_images", "must be a positive integer")
+        _check(self.top_pairs >= 1, "report.top_pairs", "must be a positive integer")
+        _check(self.ascent_steps >= 1, "report.ascent_steps", "must be a positive integer")
+        _check(self.ascent_lr > 0, "report.ascent_lr", "must be positive")
+        _check(self.max_channels >= 1, "report.max_channels", "must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -140,6 +182,7 @@ class Params:
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
     # Per-architecture options, e.g. {"alexnet": {"activation": "prelu"}}; only the entry of
     # `model` is used, so `-S model=...` switches architecture without editing this.
     nets: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -160,6 +203,15 @@ class Params:
                     f"nets.{name}.{key}",
                     f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
                 )
+        if self.train.init == "pretrained":
+            from stages.pretrained import PRETRAINED  # torchvision enums: only when asked for
+
+            _check(
+                self.model in PRETRAINED,
+                "train.init",
+                f"no pretrained weights for {self.model}; models with them: "
+                f"{', '.join(PRETRAINED)}",
+            )
         size = DATASETS[self.dataset].image_size or self.preprocess.image_size
         if self.dataset == "shapes":
             # Circles need room: half the image area at most, or placing them fails.

@@ -14,3 +14,5 @@ EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-cla
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"
 RUN_INFO = TRAIN / "run.json"
+REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, confused pairs
+LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate

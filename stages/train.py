@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import nets
-from stages import checkpoint, paths, tracking
+from stages import checkpoint, paths, pretrained, tracking
 from stages.data import Processed, augment, load_processed
 from stages.device import resolve_device
 from stages.files import atomic_path
@@ -143,7 +143,8 @@ def train(p: Params) -> dict[str, float]:
         mean=data.mean_tensor(),
         std=data.std_tensor(),
         **p.net_options,
-    ).to(device)
+    )
+    model = pretrained.initialise(model, p).to(device)  # train.init: scratch/pretrained/PATH
     generator = torch.Generator(device=device).manual_seed(p.seed)
     optimizer = OPTIMIZERS[t.optimizer](_param_groups(model, t.weight_decay), t)
     steps = max(1, len(labels) // t.batch_size)
@@ -159,6 +160,7 @@ def train(p: Params) -> dict[str, float]:
         mlflow.log_params(flatten(p.to_dict()))
         for epoch in range(1, t.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
+            pretrained.freeze_body(model, frozen=epoch <= t.freeze_epochs)
             start = time.perf_counter()
             row = train_one_epoch(
                 model, optimizer, scheduler, loss_fn, images, labels, t, generator,

@@ -1,0 +1,86 @@
+"""The `predict` command: top-k classes of arbitrary image files, from a checkpoint alone.
+
+Images are read like evaluation sees them (stages.imagefiles) and classified with the centre
+crop or the 10 crops. A file that is not an image is reported and skipped; the others are still
+classified, and the command then exits non-zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import checkpoint, paths
+from stages.data import center_crop
+from stages.device import resolve_device
+from stages.errors import PipelineError
+from stages.explain import plot_predictions, saliency
+from stages.files import atomic_path
+from stages.imagefiles import ImageFileError, read_image, stored_image_size
+from stages.inference import predict_proba
+
+
+@dataclass
+class Prediction:
+    path: Path
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+
+
+class SomeFilesFailed(PipelineError):
+    """Raised after all readable images were classified, when some files were not images."""
+
+
+def predict(
+    images: list[Path],
+    checkpoint_path: Path = paths.CHECKPOINT,
+    top: int = 5,
+    crops: int = 10,
+    saliency_out: Path | None = None,
+    device: str = "auto",
+) -> list[Prediction]:
+    """Classify each file in `images`; prints one block per image and returns the results."""
+    if crops not in (1, 10):
+        raise PipelineError(f"--crops must be 1 or 10, got {crops}")
+    if top < 1:
+        raise PipelineError(f"--top must be a positive integer, got {top}")
+    dev = resolve_device(device)
+    state = checkpoint.load(checkpoint_path)
+    model = checkpoint.build_model(state).to(dev).eval()
+    classes, size = state["classes"], state["image_size"]
+    stored = stored_image_size(state)
+
+    arrays, ok, failures = [], [], []
+    for path in images:
+        try:
+            arrays.append(read_image(path, stored))
+            ok.append(Path(path))
+        except ImageFileError as err:
+            failures.append(str(err))
+            print(f"error: {err}", flush=True)
+    results: list[Prediction] = []
+    if ok:
+        batch = torch.from_numpy(np.stack(arrays))  # (N, S0, S0, 3) uint8
+        probs = predict_proba(model, batch, size, crops, device=dev)  # (N, K)
+        k = min(top, len(classes))
+        for path, row in zip(ok, probs, strict=True):
+            p, idx = row.topk(k)
+            result = Prediction(
+                path, [(classes[j], float(q)) for q, j in zip(p, idx.tolist(), strict=True)]
+            )
+            results.append(result)
+            print(f"{path}:")
+            for name, q in result.top:
+                print(f"  {q:7.2%}  {name}")
+        if saliency_out is not None:
+            x = center_crop(batch, size).to(dev)  # (N, 3, S, S)
+            maps = saliency(model, x).cpu()  # (N, S, S)
+            titles = [path.name[:28] for path in ok]
+            with atomic_path(Path(saliency_out)) as tmp:
+                plot_predictions(x.cpu(), maps, probs, classes, tmp, titles=titles, top=k)
+            print(f"saliency: {saliency_out}")
+    if failures:
+        raise SomeFilesFailed(f"{len(failures)} of {len(images)} files could not be read")
+    return results

@@ -1,0 +1,85 @@
+"""Small fabricated pipeline outputs (processed data, a checkpoint, history, predictions) for
+the report / predict / ensemble / submit tests: real files in the real layout, tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nets
+from stages import checkpoint, params, paths
+
+SIZE = 16  # stored image side; models see 12 px crops
+CROP = 12
+CLASSES = ["zero", "one", "two", "three"]
+WNIDS = ["n00000000", "n00000001", "n00000002", "n00000003"]
+
+
+def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class k is a bright bar in row band k: learnable, and visibly different per class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    out = rng.integers(0, 40, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        out[i, 2 + 3 * k : 4 + 3 * k, 2:14] = 220
+    return out, labels.astype(np.int64)
+
+
+def processed(root: Path) -> None:
+    folder = root / paths.PROCESSED
+    folder.mkdir(parents=True)
+    train_x, train_y = images(40, 0)
+    val_x, val_y = images(16, 1)
+    for name, arr in [("train_images", train_x), ("train_labels", train_y),
+                      ("val_images", val_x), ("val_labels", val_y)]:  # fmt: skip
+        np.save(folder / f"{name}.npy", arr)
+    np.save(folder / "mean.npy", train_x.mean(0).astype(np.float32))
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    info = {"dataset": "digits", "std": [50.0, 50.0, 50.0], "wnids": WNIDS}
+    (folder / "info.json").write_text(json.dumps(info))
+
+
+def p(*overrides: str) -> params.Params:
+    base = ["model=alexnet", f"train.crop_size={CROP}", "nets.alexnet.fc_width=16"]
+    return params.load(Path(__file__).parents[1] / "params.yaml", base + list(overrides))
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    mean = torch.full((3, SIZE, SIZE), 0.2)
+    return nets.build("alexnet", len(CLASSES), CROP, mean=mean, fc_width=16)
+
+
+def save_checkpoint(path: Path, net: torch.nn.Module, run_id: str = "") -> None:
+    checkpoint.save(
+        path,
+        {
+            "net": "alexnet",
+            "net_options": {"fc_width": 16},
+            "num_classes": len(CLASSES),
+            "image_size": CROP,
+            "classes": CLASSES,
+            "params": p().to_dict(),
+            "epoch": 1,
+            "model": net.state_dict(),
+            "mlflow_run_id": run_id,
+        },
+    )
+
+
+def history_and_predictions(root: Path) -> None:
+    (root / paths.TRAIN).mkdir(parents=True, exist_ok=True)
+    with open(root / paths.HISTORY, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr"])
+        w.writerows([[1, 1.3, 0.4, 1.2, 0.5, 1.0, 0.05], [2, 0.9, 0.7, 1.0, 0.6, 1.0, 0.01]])
+    (root / paths.EVALUATE).mkdir(parents=True, exist_ok=True)
+    rows = [("zero", "zero")] * 3 + [("one", "two")] * 2 + [("two", "one"), ("three", "one")]
+    with open(root / paths.EVALUATE / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        w.writerows(rows)

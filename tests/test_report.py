@@ -1,0 +1,141 @@
+"""Saliency, filter pictures and the report stage, on crafted models and fabricated outputs."""
+
+import fabricate
+import mlflow
+import pytest
+import torch
+from torch import nn
+
+from stages import paths
+from stages.explain import (
+    excite,
+    first_layer_filters,
+    normalise_each,
+    receptive_field,
+    saliency,
+    tile_grid,
+)
+
+
+class OnePixel(nn.Module):
+    """Class scores that depend on input pixel (channel 1, row 5, column 7) only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, 1, 5, 7]  # (B,)
+        return torch.stack([3 * v, -v, v**2], dim=1)  # (B, 3)
+
+
+def test_saliency_lights_only_the_pixel_the_model_reads():
+    x = torch.rand(4, 3, 12, 12)
+    maps = saliency(OnePixel(), x)
+    assert maps.shape == (4, 12, 12)
+    assert (maps[:, 5, 7] > 0).all()
+    maps[:, 5, 7] = 0
+    assert (maps == 0).all()
+
+
+def test_saliency_differentiates_the_requested_class():
+    x = torch.full((1, 3, 12, 12), 0.5)
+    # Class 0's score is 3v (gradient 3), class 1's -v (|gradient| 1), class 2's v^2 (2v = 1).
+    assert saliency(OnePixel(), x, torch.tensor([0]))[0, 5, 7] == pytest.approx(3.0)
+    assert saliency(OnePixel(), x, torch.tensor([1]))[0, 5, 7] == pytest.approx(1.0)
+
+
+def test_first_layer_filter_grid_has_one_tile_per_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 4, 3))
+    weights = first_layer_filters(model)
+    assert weights.shape == (10, 3, 3, 3)
+    tiles = normalise_each(weights)
+    grid = tile_grid(tiles, ncols=4, pad=1, scale=2)
+    # 10 tiles in 4 columns -> 3 rows of 6 px tiles, 1 px borders.
+    assert grid.shape == (1 + 3 * 7, 1 + 4 * 7, 3)
+    for i in range(10):
+        r, c = divmod(i, 4)
+        tile = grid[1 + 7 * r : 7 + 7 * r, 1 + 7 * c : 7 + 7 * c]  # (6, 6, 3)
+        expected = tiles[i].repeat_interleave(2, 1).repeat_interleave(2, 2).permute(1, 2, 0)
+        assert torch.allclose(torch.from_numpy(tile), expected)
+        assert tile.min() == 0 and tile.max() == 1  # each kernel stretched on its own
+    assert (grid[1 + 7 * 2 :, 1 + 7 * 2 :] == 1).all()  # the two unused slots stay blank
+
+
+def test_receptive_field_and_gradient_ascent_excite_their_channel():
+    torch.manual_seed(0)
+    conv2 = nn.Conv2d(4, 6, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), conv2)
+    rows, cols = receptive_field(model, conv2, 15)
+    assert (rows, cols) == (slice(5, 10), slice(5, 10))  # two 3x3 convs: 5x5 around the centre
+    patterns = excite(model, conv2, 15, channels=6, steps=25, lr=0.2)
+    assert patterns.shape == (6, 3, 5, 5)
+    assert patterns.min() >= 0 and patterns.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # the weights were not touched
+
+    def centre(x):  # (C, 3, s, s) -> (C,) channel c's centre activation for image c
+        out = conv2(model[1](model[0](x)))
+        return out[torch.arange(6), torch.arange(6), out.shape[2] // 2, out.shape[3] // 2]
+
+    grey = torch.full((6, 3, 5, 5), 0.5)
+    with torch.no_grad():
+        assert (centre(patterns) > centre(grey)).all()
+
+
+@pytest.fixture
+def pipeline_outputs(tmp_path, monkeypatch):
+    """A fabricated run: processed data, checkpoint tied to an MLflow run, history, predictions."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    from stages import tracking
+
+    fabricate.processed(tmp_path)
+    fabricate.history_and_predictions(tmp_path)
+    with tracking.run(run_name="fabricated") as run:
+        pass
+    fabricate.save_checkpoint(tmp_path / paths.CHECKPOINT, fabricate.model(), run.info.run_id)
+    return run.info.run_id
+
+
+def test_report_stage_writes_every_picture_and_logs_them(pipeline_outputs):
+    from stages.report import report
+
+    p = fabricate.p(
+        "report.num_images=6", "report.ascent_steps=2", "report.max_channels=4",
+        "report.augment_images=8",
+    )  # fmt: skip
+    written = report(p)
+    expected = {
+        "predictions.png", "mistakes.png", "filters_conv1.png", "filters_conv2.png",
+        "filters_conv4.png", "augmentation.png", "curves.png", "confused_pairs.csv",
+        "confused_pairs.png",
+    }  # fmt: skip
+    assert set(written) == expected
+    assert {f.name for f in paths.REPORT.iterdir()} == expected  # nothing else, no temp dirs
+    assert not list(paths.OUT.glob(".report*"))
+    pairs = (paths.REPORT / "confused_pairs.csv").read_text().splitlines()
+    assert pairs[0] == "actual,predicted,count,share_of_actual"
+    assert pairs[1] == "one,two,2,1.0000"  # the commonest confusion first
+    assert len(pairs) == 1 + 3
+
+    client = mlflow.tracking.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(pipeline_outputs, "report")}
+    assert logged == {f"report/{name}" for name in expected}
+    assert [a.path for a in client.list_artifacts(pipeline_outputs, "checkpoint")] == [
+        "checkpoint/model.pt"
+    ]
+
+
+def test_report_makes_only_the_chosen_pictures(pipeline_outputs):
+    from stages.report import report
+
+    assert report(fabricate.p("report.pictures=[curves, confusion]")) == [
+        "confused_pairs.csv",
+        "confused_pairs.png",
+        "curves.png",
+    ]
+
+
+def test_unknown_picture_is_a_params_error():
+    from stages.params import ParamsError
+
+    with pytest.raises(ParamsError, match="report.pictures: 'saliency' is not a picture"):
+        fabricate.p("report.pictures=[saliency]")

@@ -1,0 +1,119 @@
+"""lr-find, ensemble and submit on tiny fabricated problems."""
+
+import re
+
+import fabricate
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from stages import paths
+from stages.cli import app
+from stages.lrfind import range_test
+
+
+def test_range_test_suggests_a_rate_inside_its_range_and_stops_on_divergence():
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(10, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def batches():
+        while True:
+            for i in range(0, 256, 32):
+                yield x[i : i + 32], y[i : i + 32]
+
+    result = range_test(model, optimizer, batches(), start=1e-4, end=1e4, steps=120)
+    assert 1e-4 <= result.suggestion <= 1e4
+    assert len(result.lrs) < 120  # the loss blew up before the end of the range
+    lrs = np.array(result.lrs)
+    assert np.allclose(lrs[1:] / lrs[:-1], lrs[1] / lrs[0])  # exponential growth
+    i_min = int(np.argmin(result.losses))
+    assert result.losses[i_min] < result.losses[0]  # the loss fell before it diverged
+    assert result.suggestion == pytest.approx(result.lrs[i_min] / 10)
+
+
+def test_lr_find_command_writes_plot_and_logs_a_run(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    fabricate.processed(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "model: logreg\ntrain:\n  crop_size: 12\n  batch_size: 8\n"
+    )
+    result = CliRunner().invoke(app, ["lr-find", "--steps", "12", "--start", "1e-3"])
+    assert result.exit_code == 0, result.output
+    suggested = float(re.search(r"suggested train.lr = (\S+) ", result.output).group(1))
+    assert 1e-3 <= suggested <= 10
+    assert {f.name for f in paths.LR_FIND.iterdir()} == {"lr_find.csv", "lr_find.png"}
+    [run] = mlflow.search_runs(experiment_names=["convnet-pipeline"], output_format="list")
+    assert run.data.tags["kind"] == "lr-find"
+    assert run.data.metrics["suggested_lr"] == pytest.approx(suggested, rel=1e-2)
+
+
+def test_ensemble_of_two_copies_equals_the_single_model(tmp_path, monkeypatch):
+    from stages import checkpoint
+    from stages.ensemble import average_proba, ensemble
+    from stages.inference import predict_proba
+
+    monkeypatch.chdir(tmp_path)
+    fabricate.processed(tmp_path)
+    fabricate.save_checkpoint(tmp_path / "a.pt", fabricate.model(0))
+    fabricate.save_checkpoint(tmp_path / "b.pt", fabricate.model(0))
+    fabricate.save_checkpoint(tmp_path / "c.pt", fabricate.model(1))
+    images, _ = fabricate.images(16, 1)
+    model = checkpoint.build_model(checkpoint.load(tmp_path / "a.pt"))
+    single = predict_proba(model, images, fabricate.CROP, 10)
+    twin = checkpoint.build_model(checkpoint.load(tmp_path / "b.pt"))
+    mean, each = average_proba([(model, fabricate.CROP), (twin, fabricate.CROP)], images, 10)
+    assert torch.allclose(mean, single, atol=1e-6) and len(each) == 2
+
+    out = tmp_path / "ens.json"
+    two = ensemble(["a.pt", "b.pt"], crops=10, out=out, device="cpu")
+    assert two["ensemble"] == {k: two["members"]["a.pt"][k] for k in ("top1", "top5")}
+    assert out.exists()
+    mixed = ensemble(["a.pt", "c.pt"], crops=1, device="cpu")
+    assert set(mixed["members"]) == {"a.pt", "c.pt"}
+
+
+def test_ensemble_member_that_is_neither_file_nor_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fabricate.processed(tmp_path)
+    result = CliRunner().invoke(app, ["ensemble", "0123456789abcdef", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "0123456789abcdef: neither a checkpoint file nor an MLflow run" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_submission_has_one_line_per_test_image_in_challenge_format(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fabricate.processed(tmp_path)  # its info.json maps classes to wnids
+    fabricate.save_checkpoint(tmp_path / "model.pt", fabricate.model())
+    folder = tmp_path / "test" / "images"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"test_{i}.JPEG")
+    (folder / "README.txt").write_text("not a test image")
+    args = ["submit", "--images", str(folder), "--checkpoint", "model.pt", "--out", "sub.txt",
+            "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "sub.txt").read_text().splitlines()
+    assert len(lines) == 7
+    assert [line.split()[0] for line in lines] == sorted(f"test_{i}.JPEG" for i in range(7))
+    assert all(re.fullmatch(r"test_\d\.JPEG n0000000[0-3]", line) for line in lines)
+
+
+def test_submit_without_test_images_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["submit", "--images", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "no such folder of test images" in result.output
