@@ -121,7 +121,8 @@ def _write_history(rows: list[dict]) -> None:
 
 def _log_model(model: nn.Module, size: int) -> None:
     model = model.cpu().eval()
-    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    # Batch of 2: torch.export fixes a size-1 dimension, and the model must take any batch size.
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -100,4 +101,7 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
         assert run.data.tags["dataset"] == "digits"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
         assert "evaluate/confusion_matrix.png" in artifacts
-        assert mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model") is not None
+        mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+        probs = model(torch.rand(3, 3, 28, 28)).softmax(-1)  # any batch size, the crop size
+        assert probs.shape == (3, 10)
