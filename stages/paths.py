@@ -14,3 +14,5 @@ EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-cla
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"
 RUN_INFO = TRAIN / "run.json"
+LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)
+BEST = TRAIN / "best.pt"  # the epoch with the best validation top-1
