@@ -9,6 +9,7 @@ augmentation ran ~80k img/s where ImageFolder + PIL with 2 workers ran ~3.5k img
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,38 +79,191 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def crop_flip(
-    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, size: int
+    images: torch.Tensor,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    flip: torch.Tensor,
+    size: int,
+    vflip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Crop each image at its own (top, left), mirror those with `flip`, as one gather.
+    """Crop each image at its own (top, left), mirror those with `flip` (`vflip`), as one gather.
 
-    images (B, H, W, 3) uint8; top/left (B,) int64; flip (B,) bool -> (B, 3, size, size) float.
+    images (B, H, W, 3) uint8; top/left (B,) int64; flip/vflip (B,) bool
+    -> (B, 3, size, size) float.
     """
-    b = images.shape[0]
+    b, h, w, _ = images.shape
     steps = torch.arange(size, device=images.device)  # (S,)
-    rows = top[:, None] + steps  # (B, S)
+    down = steps if vflip is None else torch.where(vflip[:, None], size - 1 - steps, steps)
+    rows = top[:, None] + down  # (B, S)
     cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # (B, S)
     batch = torch.arange(b, device=images.device)[:, None, None]  # (B, 1, 1)
-    patches = images[batch, rows[:, :, None], cols[:, None, :]]  # (B, S, S, 3)
-    return to_float(patches)
+    # One index_select of 3-byte pixels by flat index: ~8x faster on the CPU than the
+    # equivalent three-tensor advanced index images[batch, rows, cols].
+    flat = (batch * h + rows[:, :, None]) * w + cols[:, None, :]  # (B, S, S)
+    pixels = images.reshape(-1, 3).index_select(0, flat.view(-1))  # (B*S*S, 3)
+    return to_float(pixels.view(b, size, size, 3))
+
+
+def _uniform(n: int, low: float, high: float, like: torch.Tensor, g: torch.Generator):
+    """(n,) float32 uniform in [low, high) on `like`'s device, drawn from `g`."""
+    return torch.rand(n, device=like.device, generator=g) * (high - low) + low
+
+
+def _coin(n: int, p: float, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, device=like.device, generator=g) < p  # (n,) bool
+
+
+def resized_crop(
+    images: torch.Tensor,
+    size: int,
+    scale: float,
+    flip: torch.Tensor,
+    vflip: torch.Tensor,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """Random-resized-crop: per-sample area in [scale, 1] and aspect in [3/4, 4/3], bilinear.
+
+    One affine `grid_sample` for the batch; flips fold into the affine matrix.
+    images (B, H, W, 3) uint8 -> (B, 3, size, size) float in [0, 1].
+    """
+    b = images.shape[0]
+    area = _uniform(b, scale, 1.0, images, g)  # (B,) fraction of the image
+    log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), images, g)  # (B,)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # (B,) width as a fraction of the image
+    h = (area / ratio).sqrt().clamp(max=1.0)  # (B,)
+    # Box centre in [-1, 1] coordinates, anywhere the box stays inside the image.
+    cx = (torch.rand(b, device=images.device, generator=g) * 2 - 1) * (1 - w)  # (B,)
+    cy = (torch.rand(b, device=images.device, generator=g) * 2 - 1) * (1 - h)  # (B,)
+    sx = torch.where(flip, -w, w)  # a negative x scale mirrors the crop
+    sy = torch.where(vflip, -h, h)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([sx, zero, cx], -1), torch.stack([zero, sy, cy], -1)], 1)
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)  # (B, S, S, 2)
+    x = to_float(images)  # (B, 3, H, W)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma (ITU-R 601, as torchvision)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+# RGB <-> YIQ: a hue rotation is a rotation of the (I, Q) chroma plane.
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_jitter(
+    x: torch.Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """Per-sample bounded colour changes on (B, 3, H, W) floats in [0, 1]; result clamped.
+
+    brightness/contrast/saturation b: factor uniform in [1-b, 1+b]; hue h: rotation of the
+    chroma plane by up to h of a full turn.
+    """
+    b = x.shape[0]
+    if brightness:
+        x = x * _uniform(b, 1 - brightness, 1 + brightness, x, g).view(b, 1, 1, 1)
+    if contrast:
+        mean = _grey(x).mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
+        f = _uniform(b, 1 - contrast, 1 + contrast, x, g).view(b, 1, 1, 1)
+        x = (x - mean) * f + mean
+    if saturation:
+        grey = _grey(x)  # (B, 1, H, W)
+        f = _uniform(b, 1 - saturation, 1 + saturation, x, g).view(b, 1, 1, 1)
+        x = (x - grey) * f + grey
+    if hue:
+        angle = _uniform(b, -hue, hue, x, g) * (2 * math.pi)  # (B,)
+        cos, sin = angle.cos(), angle.sin()
+        one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+        rot = torch.stack(
+            [
+                torch.stack([one, zero, zero], -1),
+                torch.stack([zero, cos, -sin], -1),
+                torch.stack([zero, sin, cos], -1),
+            ],
+            1,
+        )  # (B, 3, 3)
+        yiq = _YIQ.to(x.device)
+        m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3): RGB -> YIQ -> rotate -> RGB
+        x = torch.einsum("bij,bjhw->bihw", m, x)  # (B, 3, H, W)
+    return x.clamp_(0, 1)
+
+
+def cutout(x: torch.Tensor, side: int, g: torch.Generator) -> torch.Tensor:
+    """Fill one side x side square per image (centre anywhere, clipped at the border) with grey.
+
+    Grey 0.5 stands in for the dataset mean, which the model subtracts later.
+    """
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), device=x.device, generator=g)  # (B, 1)
+    cx = torch.randint(0, w, (b, 1), device=x.device, generator=g)
+    rows = (torch.arange(h, device=x.device) - cy + side // 2).clamp(min=-1)  # (B, H)
+    cols = (torch.arange(w, device=x.device) - cx + side // 2).clamp(min=-1)  # (B, W)
+    inside = ((rows >= 0) & (rows < side))[:, :, None] & ((cols >= 0) & (cols < side))[:, None]
+    return x.masked_fill(inside[:, None], 0.5)  # (B, 3, H, W)
 
 
 def augment(
-    images: torch.Tensor, size: int, pad: int, flip: bool, generator: torch.Generator
+    images: torch.Tensor,
+    size: int,
+    pad: int,
+    flip: bool,
+    generator: torch.Generator,
+    *,
+    vflip: bool = False,
+    resized_crop_scale: float | None = None,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+    cutout_size: int = 0,
 ) -> torch.Tensor:
-    """Random crop (after zero padding) + random horizontal flip, per-sample parameters.
+    """Random crop (after zero padding) or resized crop, flips, colour jitter, cutout.
 
-    images (B, H, W, 3) uint8 -> (B, 3, size, size) float in [0, 1].
+    Every random parameter is drawn per sample. images (B, H, W, 3) uint8 -> (B, 3, size, size)
+    float in [0, 1]. `resized_crop_scale` set = random-resized-crop with that smallest area.
     """
     if pad:
         images = F.pad(images, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, 3)
     b, h, w, _ = images.shape
     dev = images.device
-    top = torch.randint(0, h - size + 1, (b,), device=dev, generator=generator)
-    left = torch.randint(0, w - size + 1, (b,), device=dev, generator=generator)
-    mirror = torch.rand(b, device=dev, generator=generator) < 0.5
-    if not flip:
-        mirror = torch.zeros_like(mirror)
-    return crop_flip(images, top, left, mirror, size)
+    if resized_crop_scale is None:
+        # Draw order (top, left, mirror) kept from the first version: same seed, same crops.
+        top = torch.randint(0, h - size + 1, (b,), device=dev, generator=generator)
+        left = torch.randint(0, w - size + 1, (b,), device=dev, generator=generator)
+    mirror = _coin(b, 0.5, images, generator) & flip  # (B,) bool
+    upside = _coin(b, 0.5, images, generator) if vflip else torch.zeros_like(mirror)
+    if resized_crop_scale is None:
+        x = crop_flip(images, top, left, mirror, size, upside if vflip else None)  # (B,3,S,S)
+    else:
+        x = resized_crop(images, size, resized_crop_scale, mirror, upside, generator)
+    if brightness or contrast or saturation or hue:
+        x = colour_jitter(x, brightness, contrast, saturation, hue, generator)
+    if cutout_size:
+        x = cutout(x, cutout_size, generator)
+    return x
+
+
+def augment_options(t) -> dict:
+    """`augment` keyword arguments from TrainParams `t` (all but images and generator)."""
+    return {
+        "size": t.crop_size,
+        "pad": t.pad,
+        "flip": t.flip,
+        "vflip": t.vflip,
+        "resized_crop_scale": t.resized_crop_scale if t.resized_crop else None,
+        "brightness": t.brightness,
+        "contrast": t.contrast,
+        "saturation": t.saturation,
+        "hue": t.hue,
+        "cutout_size": t.cutout,
+    }
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages import checkpoint, paths, tracking
 from stages.data import load_processed
-from stages.device import resolve_device
+from stages.device import has_conv, prepare, resolve_device, resolve_speed
 from stages.files import atomic_dir, write_json
 from stages.inference import nll, predict_proba, topk_accuracy
 from stages.params import Params
@@ -66,7 +66,18 @@ def evaluate(p: Params) -> dict:
     """Evaluate out/train/model.pt on the validation split; returns metrics.json's content."""
     device = resolve_device(p.train.device)
     state = checkpoint.load(paths.CHECKPOINT)
-    model = checkpoint.build_model(state).to(device)
+    model = checkpoint.build_model(state)
+    # The precision and memory format the model trained with (older checkpoints: fp32).
+    t = state.get("params", {}).get("train", {})
+    speed, _ = resolve_speed(
+        device,
+        t.get("precision", "fp32"),
+        t.get("memory_format", "contiguous"),
+        False,
+        False,
+        has_conv(model),
+    )
+    model = prepare(model, speed)
     data = load_processed()
     labels = torch.from_numpy(data.val_labels)
     size = state["image_size"]
@@ -75,7 +86,7 @@ def evaluate(p: Params) -> dict:
     probs = {}
     for crops, name in ((1, "single_crop"), (10, "ten_crop")):
         probs[name] = predict_proba(
-            model, data.val_images, size, crops, p.evaluate.batch_size, device
+            model, data.val_images, size, crops, p.evaluate.batch_size, speed=speed
         )
         metrics[name] = topk_accuracy(probs[name], labels) | {"loss": nll(probs[name], labels)}
     metrics["ten_crop_gain_top1"] = metrics["ten_crop"]["top1"] - metrics["single_crop"]["top1"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from stages.data import center_crop, ten_crop
+from stages.device import Speed
 
 
 @torch.inference_mode()
@@ -17,25 +18,33 @@ def predict_proba(
     crops: int = 1,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    speed: Speed | None = None,
 ) -> torch.Tensor:
     """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3).
 
     crops=1: the centre crop. crops=10: 4 corners + centre and their mirrors, softmax averaged;
-    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch.
+    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch. `speed` sets the
+    precision and memory format (those of training); default plain fp32.
     """
+    speed = speed or Speed(torch.device(device))
+    device = speed.device
     if crops not in (1, 10):
         raise ValueError(f"crops must be 1 or 10, got {crops}")
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = torch.as_tensor(np.asarray(images[start : start + batch_size])).to(device)
-        if crops == 1:
-            probs = model(center_crop(chunk, size)).float().softmax(-1)  # (B, K)
-        else:
-            views = ten_crop(chunk, size)  # (B, 10, 3, S, S)
-            logits = model(views.flatten(0, 1)).float()  # (B*10, K)
-            probs = logits.softmax(-1).view(len(chunk), 10, -1).mean(1)  # (B, K)
+        chunk = images[start : start + batch_size]
+        if isinstance(chunk, np.ndarray):
+            chunk = torch.from_numpy(np.array(chunk))  # a writable copy of a memory-map slice
+        chunk = chunk.to(device)  # (B, H, W, 3) uint8
+        with speed.autocast():
+            if crops == 1:
+                probs = model(speed.inputs(center_crop(chunk, size))).float().softmax(-1)
+            else:
+                views = ten_crop(chunk, size).flatten(0, 1)  # (B*10, 3, S, S)
+                logits = model(speed.inputs(views)).float()  # (B*10, K)
+                probs = logits.softmax(-1).view(len(chunk), 10, -1).mean(1)  # (B, K)
         out.append(probs.cpu())
     model.train(was_training)
     return torch.cat(out)

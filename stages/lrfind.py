@@ -27,8 +27,8 @@ from stages.data import augment, load_processed
 from stages.device import resolve_device
 from stages.errors import PipelineError
 from stages.files import atomic_dir
+from stages.optim import make_optimizer
 from stages.params import Params, flatten
-from stages.train import OPTIMIZERS, _param_groups
 
 
 @dataclass
@@ -122,7 +122,7 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
         std=data.std_tensor(),
         **p.net_options,
     ).to(device)
-    optimizer = OPTIMIZERS[t.optimizer](_param_groups(model, t.weight_decay), t)
+    optimizer = make_optimizer(model, t)
     generator = torch.Generator(device=device).manual_seed(p.seed)
     batch = min(t.batch_size, len(labels))
 

@@ -91,12 +91,12 @@ class PreprocessParams:
 class TrainParams:
     epochs: int = 10
     batch_size: int = 32
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "adagrad"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant", "onecycle", "plateau"] = "cosine"
     warmup_epochs: int = 1
     step_epochs: int = 30  # "step" schedule: divide the rate by 10 every step_epochs
     label_smoothing: float = 0.0
@@ -108,6 +108,28 @@ class TrainParams:
     # weights) or the path of one of this project's checkpoints.
     init: str = "scratch"
     freeze_epochs: int = 0  # train only the new layers for this many epochs first
+    # --- added by the training engine (issue 4); defaults keep the earlier behaviour ---
+    loss: Literal["cross_entropy", "hinge"] = "cross_entropy"  # smoothed: label_smoothing > 0
+    decay_norm_and_bias: bool = False  # weight decay on biases and norm parameters too
+    plateau_patience: int = 3  # "plateau" schedule: epochs without val top-1 gain before a cut
+    plateau_factor: float = 0.1  # "plateau" schedule: multiply the rate by this on a plateau
+    patience: int = 0  # early stopping: epochs without val top-1 gain (0 = never stop early)
+    vflip: bool = False  # random vertical flip
+    resized_crop: bool = False  # random-resized-crop (area and aspect) instead of a plain crop
+    resized_crop_scale: float = 0.25  # smallest area fraction a resized crop takes
+    brightness: float = 0.0  # colour jitter: largest relative change, each in [0, 1)
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0  # largest hue rotation as a fraction of the colour wheel, in [0, 0.5]
+    cutout: int = 0  # side of the zeroed square (px) cut from each image (0 = off)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA only)
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off)
+    histogram_every: int = 0  # weight/activation histograms every N epochs (0 = off)
+    sync_batchnorm: bool = False  # synchronise batch-norm statistics across DDP ranks
+    resume: bool = True  # continue from out/train/last.pt when its params match
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be a positive integer")
@@ -120,6 +142,21 @@ class TrainParams:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.crop_size >= 8, "train.crop_size", "must be at least 8")
         _check(self.pad >= 0, "train.pad", "must be >= 0")
+        _check(self.plateau_patience >= 1, "train.plateau_patience", "must be a positive integer")
+        _check(0 < self.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
+        _check(self.patience >= 0, "train.patience", "must be >= 0 (0 = off)")
+        _check(0 < self.resized_crop_scale <= 1, "train.resized_crop_scale", "must be in (0, 1]")
+        for key in ("brightness", "contrast", "saturation"):
+            _check(0 <= getattr(self, key) < 1, f"train.{key}", "must be in [0, 1)")
+        _check(0 <= self.hue <= 0.5, "train.hue", "must be in [0, 0.5]")
+        _check(self.cutout >= 0, "train.cutout", "must be >= 0 (0 = off)")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)")
+        _check(self.histogram_every >= 0, "train.histogram_every", "must be >= 0 (0 = off)")
+        _check(
+            self.loss == "cross_entropy" or self.label_smoothing == 0,
+            "train.label_smoothing",
+            "applies to loss cross_entropy only",
+        )
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "train.device",

@@ -16,3 +16,5 @@ HISTORY = TRAIN / "history.csv"
 RUN_INFO = TRAIN / "run.json"
 REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, confused pairs
 LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate
+LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)
+BEST = TRAIN / "best.pt"  # the epoch with the best validation top-1

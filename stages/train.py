@@ -1,115 +1,119 @@
 """Stage 3, train: one model on one dataset, data and augmentation on the training device.
 
-Writes out/train/model.pt (checkpoint, atomically, once training finished) and
-out/train/history.csv (one row per epoch, for `dvc plots`), and logs everything to one MLflow run.
+Writes out/train/model.pt (once training finished) and out/train/history.csv (one row per
+epoch, for `dvc plots`), logs everything to one MLflow run, and keeps two more checkpoints
+outside DVC's outputs: last.pt (every epoch; a killed run resumes from it) and best.pt (the
+epoch with the best validation top-1). Under torchrun every rank trains on its shard of the
+data with DistributedDataParallel; rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import math
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import nets
-from stages import checkpoint, paths, pretrained, tracking
-from stages.data import Processed, augment, load_processed
-from stages.device import resolve_device
+from stages import checkpoint, distributed, histograms, paths, pretrained, tracking
+from stages.data import augment, augment_options, center_crop, load_processed
+from stages.device import Speed, has_conv, prepare, resolve_device, resolve_speed
+from stages.distributed import Dist
+from stages.errors import PipelineError
 from stages.files import atomic_path
-from stages.inference import nll, predict_proba, topk_accuracy
+from stages.inference import predict_proba
+from stages.losses import make_loss
+from stages.optim import make_optimizer
 from stages.params import Params, TrainParams, flatten
+from stages.schedules import Schedule
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Decay weights only: decaying biases and norm scales just fights the normalisation.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+class TrainingError(PipelineError):
+    """Training cannot go on: the loss diverged or the batch does not fit in memory."""
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], TrainParams], torch.optim.Optimizer]] = {
-    "sgd": lambda groups, t: torch.optim.SGD(
-        groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0
-    ),
-    "adam": lambda groups, t: torch.optim.Adam(groups, lr=t.lr),
-}
+@dataclass
+class Engine:
+    """Everything one training step touches, built once per run."""
 
-# Learning-rate multiplier after warm-up, as a function of (progress in [0, 1], epoch, params).
-SCHEDULES: dict[str, Callable[[float, int, TrainParams], float]] = {
-    "constant": lambda progress, epoch, t: 1.0,
-    "cosine": lambda progress, epoch, t: 0.5 * (1 + math.cos(math.pi * progress)),
-    "step": lambda progress, epoch, t: 0.1 ** (epoch // t.step_epochs),  # Caffe's AlexNet
-}
-
-
-def lr_lambda(t: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier: linear warm-up over `warmup_epochs`, then the chosen schedule."""
-    warmup = t.warmup_epochs * steps_per_epoch
-    total = t.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return SCHEDULES[t.schedule](progress, step // steps_per_epoch, t)
-
-    return factor
+    net: nn.Module  # what trains: the model, DDP-wrapped and/or compiled
+    raw: nn.Module  # the plain model: state dicts, evaluation
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    loss_fn: Any
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    speed: Speed
+    dist: Dist
+    generator: torch.Generator
 
 
 def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    t: TrainParams,
-    generator: torch.Generator,
-    desc: str,
+    e: Engine, images: torch.Tensor, labels: torch.Tensor, t: TrainParams, epoch: int
 ) -> dict[str, float]:
-    """One pass over a fresh permutation of (images (N, H, W, 3) uint8, labels (N,))."""
-    model.train()
-    steps = max(1, len(labels) // t.batch_size)  # drop the ragged last batch (batch-norm)
-    order = torch.randperm(len(labels), device=images.device, generator=generator)
+    """One pass over a fresh permutation of this rank's (images (N, H, W, 3) uint8, labels)."""
+    e.net.train()
+    batch = max(1, t.batch_size // e.dist.world)  # train.batch_size is the global batch
+    steps = e.schedule.steps_per_epoch  # the same on every rank: DDP steps in lockstep
+    order = torch.randperm(len(labels), device=images.device, generator=e.generator)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
-    bar = tqdm(range(steps), desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
+    # A GPU syncs to test the loss; there it is read every 25 steps, on the CPU every step.
+    check = 1 if images.device.type == "cpu" else 25
+    desc = f"epoch {epoch}/{t.epochs}"
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for step in bar:
-        idx = order[step * t.batch_size : (step + 1) * t.batch_size]
-        x = augment(images[idx], t.crop_size, t.pad, t.flip, generator)  # (B, 3, S, S)
+        idx = order[step * batch : (step + 1) * batch]
+        x = augment(images[idx], generator=e.generator, **augment_options(t))  # (B, 3, S, S)
         y = labels[idx]  # (B,)
-        logits = model(x)  # (B, K)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        with e.speed.autocast():
+            logits = e.net(e.speed.inputs(x))  # (B, K)
+            loss = e.loss_fn(logits, y)
         loss_sum += loss.detach() * len(y)
+        if (step % check == 0 or step == steps - 1) and not torch.isfinite(loss_sum):
+            raise TrainingError(
+                f"loss is {loss.item()} at epoch {epoch}, step {step + 1}/{steps}"
+                f" (learning rate {e.schedule.lr:.3g}); stopped. {paths.LAST} holds the last"
+                " good epoch; lower train.lr or check the data"
+            )
+        e.optimizer.zero_grad(set_to_none=True)
+        e.scaler.scale(loss).backward()
+        e.scaler.step(e.optimizer)
+        e.scaler.update()
+        e.schedule.step()
+        if e.ema is not None:
+            e.ema.update_parameters(e.raw)
         correct += (logits.argmax(1) == y).sum()
         if step % 10 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    seen = min(len(labels), steps * t.batch_size)
-    return {"train_loss": loss_sum.item() / seen, "train_top1": correct.item() / seen}
+    sums = distributed.all_sum(e.dist, torch.stack([loss_sum, correct.float()]).float())
+    seen = steps * batch * e.dist.world
+    return {"train_loss": sums[0].item() / seen, "train_top1": sums[1].item() / seen}
 
 
-def validate(model: nn.Module, data: Processed, p: Params, device: torch.device) -> dict:
-    """Single (centre) crop validation loss, top-1 and top-5."""
-    probs = predict_proba(
-        model, data.val_images, p.train.crop_size, 1, p.evaluate.batch_size, device
-    )
-    labels = torch.from_numpy(data.val_labels)
-    acc = topk_accuracy(probs, labels)
-    return {"val_loss": nll(probs, labels), "val_top1": acc["top1"], "val_top5": acc["top5"]}
+def validate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, size: int, batch_size: int,
+    speed: Speed, d: Dist, prefix: str = "val_",
+) -> dict[str, float]:  # fmt: skip
+    """Centre-crop loss, top-1 and top-5 over every rank's shard of the validation set."""
+    probs = predict_proba(model, images, size, 1, batch_size, speed=speed)  # (M, K) on CPU
+    y = torch.from_numpy(np.asarray(labels))  # (M,)
+    top = probs.topk(min(5, probs.shape[1]), dim=1).indices  # (M, k)
+    nll = -probs[torch.arange(len(y)), y].clamp_min(1e-12).log()  # (M,)
+    local = [nll.sum(), (top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), len(y)]
+    s = distributed.all_sum(d, torch.tensor([float(v) for v in local], device=speed.device))
+    n = max(1.0, s[3].item())
+    return {f"{prefix}loss": s[0].item() / n, f"{prefix}top1": s[1].item() / n,
+            f"{prefix}top5": s[2].item() / n}  # fmt: skip
 
 
 def _write_history(rows: list[dict]) -> None:
@@ -126,80 +130,207 @@ def _log_model(model: nn.Module, size: int) -> None:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
-    mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature)
+    # Naming the requirements skips MLflow's inference of them (a subprocess: ~10 s a run).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    mlflow.pytorch.log_model(
+        model, name="model", input_example=example, signature=signature,
+        pip_requirements=requirements,
+    )  # fmt: skip
+
+
+def _resume_state(p: Params, d: Dist, data_info: dict) -> dict | None:
+    """last.pt when it is an unfinished run with exactly these params and data, else None."""
+    if not p.train.resume or not paths.LAST.exists():
+        return None
+    try:
+        state = checkpoint.load(paths.LAST)
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(
+            f"{err}; delete it, or set train.resume=false to overwrite it"
+        ) from None
+    old, new = flatten(state.get("params", {})), flatten(p.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    reason = (
+        f"params differ ({', '.join(changed[:3])})" if changed
+        else "it is a finished run" if state.get("complete")
+        else "the processed data differ" if state.get("data") != data_info
+        else f"it was trained on {state.get('world')} processes" if state.get("world") != d.world
+        else None
+    )  # fmt: skip
+    if reason:
+        if d.main:
+            print(f"train: not resuming from {paths.LAST}: {reason}; starting fresh")
+        return None
+    return state
+
+
+def _mlflow_run(d: Dist, run_id: str | None, p: Params) -> contextlib.AbstractContextManager:
+    """Rank 0's MLflow run (the interrupted one when resuming); other ranks log nothing."""
+    if not d.main:
+        return contextlib.nullcontext()
+    if run_id:
+        tracking.setup()
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            print(f"train: MLflow run {run_id} is not in this store; starting a new run")
+            run_id = None
+    if run_id:
+        return tracking.run(run_id=run_id)
+    return tracking.run(run_name=p.model, tags=tracking.run_tags(p.dataset, p.model))
 
 
 def train(p: Params) -> dict[str, float]:
     """Train `p.model` on the preprocessed data; returns the last epoch's metrics."""
+    d, device = distributed.setup(resolve_device(p.train.device))
+    try:
+        return _train(p, d, device)
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory on {device} with train.batch_size {p.train.batch_size}"
+            f" ({max(1, p.train.batch_size // d.world)} per device); lower train.batch_size"
+            " (or evaluate.batch_size for validation)"
+        ) from None
+    finally:
+        distributed.cleanup(d)
+
+
+def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     t = p.train
-    device = resolve_device(t.device)
     torch.manual_seed(p.seed)
     data = load_processed()
-    images = torch.from_numpy(np.ascontiguousarray(data.train_images)).to(device)  # (N,H,W,3)
-    labels = torch.from_numpy(data.train_labels).to(device)  # (N,)
-    model = nets.build(
-        p.model,
-        len(data.classes),
-        t.crop_size,
-        mean=data.mean_tensor(),
-        std=data.std_tensor(),
-        **p.net_options,
+    shard, n_total = d.shard(len(data.train_labels)), len(data.train_labels)
+    images = torch.from_numpy(np.array(data.train_images[shard])).to(device)  # (N/world,H,W,3)
+    labels = torch.from_numpy(data.train_labels[shard]).to(device)  # (N / world,)
+    val_images, val_labels = data.val_images[d.shard(len(data.val_labels))], data.val_labels
+    val_labels = val_labels[d.shard(len(val_labels))]
+    raw = nets.build(
+        p.model, len(data.classes), t.crop_size,
+        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
+    )  # fmt: skip
+    raw = pretrained.initialise(raw, p)  # train.init: scratch | pretrained | PATH
+    speed, notes = resolve_speed(
+        device, t.precision, t.memory_format, t.compile, t.cudnn_benchmark, has_conv(raw)
     )
-    model = pretrained.initialise(model, p).to(device)  # train.init: scratch/pretrained/PATH
-    generator = torch.Generator(device=device).manual_seed(p.seed)
-    optimizer = OPTIMIZERS[t.optimizer](_param_groups(model, t.weight_decay), t)
-    steps = max(1, len(labels) // t.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, steps))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    print(
-        f"train: {p.model} ({sum(q.numel() for q in model.parameters()):,} parameters) on"
-        f" {p.dataset}: {len(labels)} images, {t.epochs} epochs, device {device}"
-    )
+    raw = prepare(raw, speed)
+    net = distributed.wrap(raw, d, device, t.sync_batchnorm)
+    raw = net.module if d.world > 1 else raw  # SyncBatchNorm conversion made a new module
+    if speed.compile:
+        net = torch.compile(net)
+    cuda = device.type == "cuda"
+    optimizer = make_optimizer(raw, t, fused=True if cuda else None)
+    steps = max(1, n_total // d.world // max(1, t.batch_size // d.world))
+    ema = None
+    if t.ema_decay:
+        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    e = Engine(
+        net, raw, optimizer, Schedule(optimizer, t, steps), make_loss(t.loss, t.label_smoothing),
+        torch.amp.GradScaler(device.type, enabled=speed.dtype == torch.float16), ema, speed, d,
+        torch.Generator(device=device).manual_seed(p.seed + d.rank),
+    )  # fmt: skip
 
     history: list[dict] = []
-    with tracking.run(run_name=p.model, tags=tracking.run_tags(p.dataset, p.model)) as run:
-        mlflow.log_params(flatten(p.to_dict()))
-        for epoch in range(1, t.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            pretrained.freeze_body(model, frozen=epoch <= t.freeze_epochs)
-            start = time.perf_counter()
-            row = train_one_epoch(
-                model, optimizer, scheduler, loss_fn, images, labels, t, generator,
-                desc=f"epoch {epoch}/{t.epochs}",
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
-            row |= validate(model, data, p, device)
-            row |= {"lr": lr, "epoch_seconds": seconds}
-            row["images_per_second"] = steps * t.batch_size / seconds
-            history.append({"epoch": epoch, **row})
-            _write_history(history)
-            mlflow.log_metrics(row, step=epoch)
-            print(
-                f"epoch {epoch:3d}/{t.epochs}  loss {row['train_loss']:.4f}"
-                f"  train {row['train_top1']:.2%}  val loss {row['val_loss']:.4f}"
-                f"  val top-1 {row['val_top1']:.2%}  top-5 {row['val_top5']:.2%}"
-                f"  lr {lr:.2e}  {row['images_per_second']:.0f} img/s",
-                flush=True,
-            )
-        checkpoint.save(
-            paths.CHECKPOINT,
-            {
-                "net": p.model,
-                "net_options": p.net_options,
-                "num_classes": len(data.classes),
-                "image_size": t.crop_size,
-                "classes": data.classes,
-                "params": p.to_dict(),
-                "epoch": t.epochs,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-                "metrics": history[-1],
-                "mlflow_run_id": run.info.run_id,
-            },
+    best, since_best, start = -1.0, 0, 1
+    state = _resume_state(p, d, data.info)
+    if state is not None:
+        raw.load_state_dict(state["raw_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        e.schedule.load_state_dict(state["schedule"])
+        e.scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        e.generator.set_state(state["rng"]["generator"].to(e.generator.get_state().device))
+        if cuda and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        history, best, since_best = state["history"], state["best"], state["since_best"]
+        start = state["epoch"] + 1
+    if d.main:
+        print(
+            f"train: {p.model} ({sum(q.numel() for q in raw.parameters()):,} parameters) on"
+            f" {p.dataset}: {n_total} images, {t.epochs} epochs, device {device}"
+            f"{f' x {d.world} processes' if d.world > 1 else ''}; {speed.precision},"
+            f" {'channels_last' if speed.channels_last else 'contiguous'}"
+            f"{', compiled' if speed.compile else ''} ({'; '.join(notes)})"
+            + (f"; resuming at epoch {start}" if state else "")
         )
-        mlflow.log_artifact(str(paths.HISTORY))
-        mlflow.log_artifact(str(paths.PROCESSED / "mean.png"))
-        _log_model(model, t.crop_size)
+
+    def snapshot(epoch: int, complete: bool) -> dict:
+        """The checkpoint: model.pt's keys (result weights: EMA when on) + resume state."""
+        result = ema.module if ema is not None else raw
+        return {
+            "net": p.model, "net_options": p.net_options, "num_classes": len(data.classes),
+            "image_size": t.crop_size, "classes": data.classes, "params": p.to_dict(),
+            "epoch": epoch, "model": result.state_dict(), "raw_model": raw.state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": e.schedule.state_dict(),
+            "scaler": e.scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": e.generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if cuda else None},
+            "history": history, "metrics": history[-1] if history else {}, "best": best,
+            "since_best": since_best, "mlflow_run_id": run_id, "data": data.info,
+            "world": d.world, "complete": complete,
+        }  # fmt: skip
+
+    hist_batch = center_crop(torch.from_numpy(np.array(data.val_images[:256])), t.crop_size)
+    with _mlflow_run(d, state["mlflow_run_id"] if state else None, p) as run:
+        run_id = run.info.run_id if d.main else None
+        if d.main:
+            mlflow.log_params(flatten(p.to_dict()))
+            if state:
+                mlflow.set_tag("resumed_from_epoch", str(start - 1))
+        for epoch in range(start, t.epochs + 1):
+            if d.main and t.histogram_every and (epoch - 1) % t.histogram_every == 0:
+                _log_histograms(raw, hist_batch.to(device), speed, epoch - 1)
+            pretrained.freeze_body(raw, frozen=epoch <= t.freeze_epochs)
+            lr = e.schedule.lr
+            tic = time.perf_counter()
+            row = train_one_epoch(e, images, labels, t, epoch)
+            seconds = time.perf_counter() - tic
+            vb = p.evaluate.batch_size
+            row |= validate(raw, val_images, val_labels, t.crop_size, vb, speed, d)
+            if ema is not None:
+                row |= validate(
+                    ema.module, val_images, val_labels, t.crop_size, vb, speed, d, "ema_val_"
+                )
+            score = row["ema_val_top1" if ema is not None else "val_top1"]
+            e.schedule.epoch_end(score)
+            improved = score > best
+            best, since_best = (score, 0) if improved else (best, since_best + 1)
+            row |= {"lr": lr, "epoch_seconds": seconds}
+            row["images_per_second"] = steps * max(1, t.batch_size // d.world) * d.world / seconds
+            history.append({"epoch": epoch, **row})
+            stop = t.patience and since_best >= t.patience
+            if d.main:
+                _write_history(history)
+                mlflow.log_metrics(row, step=epoch)
+                state_now = snapshot(epoch, complete=False)
+                checkpoint.save(paths.LAST, state_now)
+                if improved:
+                    checkpoint.save(paths.BEST, state_now)
+                print(
+                    f"epoch {epoch:3d}/{t.epochs}  loss {row['train_loss']:.4f}"
+                    f"  train {row['train_top1']:.2%}  val loss {row['val_loss']:.4f}"
+                    f"  val top-1 {row['val_top1']:.2%}  top-5 {row['val_top5']:.2%}"
+                    f"  lr {lr:.2e}  {row['images_per_second']:.0f} img/s",
+                    flush=True,
+                )
+                if stop:
+                    print(f"train: early stop, no val top-1 gain for {t.patience} epochs")
+            if stop:
+                break
+        if d.main:
+            final = snapshot(history[-1]["epoch"], complete=True)
+            checkpoint.save(paths.CHECKPOINT, final)
+            checkpoint.save(paths.LAST, final)
+            mlflow.log_artifact(str(paths.HISTORY))
+            mlflow.log_artifact(str(paths.PROCESSED / "mean.png"))
+            _log_model(ema.module if ema is not None else raw, t.crop_size)
     return history[-1]
+
+
+def _log_histograms(model: nn.Module, x: torch.Tensor, speed: Speed, epoch: int) -> None:
+    """Per-layer weight/activation statistics as MLflow metrics and a PNG (rank 0)."""
+    metrics, samples = histograms.layer_statistics(model, speed.inputs(x))
+    mlflow.log_metrics(metrics, step=epoch)
+    fig = histograms.plot(samples, f"activations after epoch {epoch}")
+    mlflow.log_figure(fig, f"histograms/epoch_{epoch:03d}.png")
