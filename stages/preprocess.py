@@ -51,6 +51,7 @@ class Splits:
     test_images: np.ndarray | None = None  # (M, H, W, 3) unlabelled official test set
     test_files: list[str] | None = None
     skipped: list[str] = field(default_factory=list)  # undecodable files left out
+    wnids: list[str] | None = None  # Tiny ImageNet's class ids, in class order (for submit)
 
 
 def pad_and_stack(images: np.ndarray, size: int = 32) -> np.ndarray:
@@ -169,6 +170,7 @@ def _read_tiny_imagenet(raw: Path, p: Params) -> Splits:
         test_images=test.images,
         test_files=[test_files[i].name for i in test.kept],
         skipped=skipped,
+        wnids=wnids,
     )
 
 
@@ -373,6 +375,7 @@ def preprocess(p: Params) -> Path:
                 "val_count": len(splits.val_labels),
                 "test_count": 0 if splits.test_images is None else len(splits.test_images),
                 "skipped_images": len(splits.skipped),  # undecodable files left out
+                **({"wnids": splits.wnids} if splits.wnids else {}),
                 "std": channel_std(splits.train_images),
             },
         )

@@ -87,6 +87,7 @@ def test_tiny_imagenet(monkeypatch):
     info = json.loads((OUT / "info.json").read_text())
     assert (info["image_size"], info["num_classes"], info["test_count"]) == (64, 3, 3)
     assert info["skipped_images"] == 0
+    assert info["wnids"] == fake.wnids  # what `convnet submit` writes
     assert not list(Path("out/raw").rglob("*.zip"))  # extracted, archive not kept in raw
 
 
