@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import nets
 from stages import paths, tracking
-from stages.data import augment, load_processed
+from stages.data import augment, augment_options, load_processed
 from stages.device import resolve_device
 from stages.errors import PipelineError
 from stages.files import atomic_dir
@@ -112,7 +112,7 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
     device = resolve_device(t.device)
     torch.manual_seed(p.seed)
     data = load_processed()
-    images = torch.from_numpy(np.ascontiguousarray(data.train_images)).to(device)  # (N,H,W,3)
+    images = torch.from_numpy(np.array(data.train_images)).to(device)  # (N, H, W, 3)
     labels = torch.from_numpy(data.train_labels).to(device)  # (N,)
     model = nets.build(
         p.model,
@@ -133,7 +133,8 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
             order = torch.randperm(len(labels), device=device, generator=generator)
             for i in range(0, len(labels) - batch + 1, batch):
                 idx = order[i : i + batch]
-                yield augment(images[idx], t.crop_size, t.pad, t.flip, generator), labels[idx]
+                x = augment(images, generator=generator, index=idx, **augment_options(t))
+                yield x, labels[idx]
 
     result = range_test(model, optimizer, batches(), start, end, steps)
     title = f"lr-find: {p.model} on {p.dataset}, {t.optimizer}, batch {batch}"

@@ -73,7 +73,7 @@ def train_one_epoch(
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for step in bar:
         idx = order[step * batch : (step + 1) * batch]
-        x = augment(images[idx], generator=e.generator, **augment_options(t))  # (B, 3, S, S)
+        x = augment(images, generator=e.generator, index=idx, **augment_options(t))  # (B,3,S,S)
         y = labels[idx]  # (B,)
         with e.speed.autocast():
             logits = e.net(e.speed.inputs(x))  # (B, K)

@@ -76,3 +76,13 @@ def test_cutout_zeroes_one_square_per_image():
     area = (out[:, 0] == 0.5).sum((1, 2))  # (B,) pixels filled
     assert area.max() == 16 and area.min() >= 4  # clipped squares at the border are smaller
     assert len({tuple(m.nonzero()[0].tolist()) for m in out[:, 0] == 0.5}) > 5
+
+
+def test_gathering_by_index_equals_augmenting_the_gathered_batch():
+    images = batch(32)
+    idx = torch.tensor([5, 0, 31, 5, 17, 2])
+    for kw in ({"pad": 0}, {"pad": 2, "cutout_size": 3}, {"pad": 0, "resized_crop_scale": 0.5}):
+        opts = {"size": 12, "flip": True, "vflip": True} | kw
+        by_index = augment(images, generator=torch.Generator().manual_seed(3), index=idx, **opts)
+        gathered = augment(images[idx], generator=torch.Generator().manual_seed(3), **opts)
+        assert torch.equal(by_index, gathered), kw

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from stages import histograms
+from stages.data import augment
+from stages.device import resolve_speed
 from stages.losses import make_loss
 from stages.params import TrainParams
 from stages.schedules import Schedule, multiplier
@@ -84,3 +86,16 @@ def test_histograms_report_dead_relus_per_layer():
     assert {"weight/1.weight/std", "act/3/std"} <= metrics.keys()
     fig = histograms.plot(samples, "t")
     assert len(fig.axes) >= len(samples)
+
+
+def test_memory_format_auto_is_channels_last_for_conv_nets_and_inputs_follow():
+    cpu = torch.device("cpu")
+    conv, notes = resolve_speed(cpu, "auto", "auto", has_conv=True)
+    flat, _ = resolve_speed(cpu, "auto", "auto", has_conv=False)
+    forced, _ = resolve_speed(cpu, "auto", "contiguous", has_conv=True)
+    assert conv.channels_last and not flat.channels_last and not forced.channels_last
+    assert "memory_format auto -> channels_last" in notes
+    images = torch.randint(0, 256, (4, 12, 12, 3), dtype=torch.uint8)
+    x = augment(images, 8, 0, True, torch.Generator().manual_seed(0))  # (4, 3, 8, 8)
+    assert conv.inputs(x).is_contiguous(memory_format=torch.channels_last)
+    assert forced.inputs(x).is_contiguous() and torch.equal(forced.inputs(x), x)
