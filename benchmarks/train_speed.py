@@ -176,11 +176,16 @@ def bench_model(root: Path, images, labels, name: str, args: argparse.Namespace)
               f" img/s, ratio {eng[s] / ref:.2f}x; engine/limit {eng[s] / limit[s]:.2f}"
               f" (limit {limit[s]:,.1f} img/s)", flush=True)  # fmt: skip
 
-    model, _ = model_and_opt(name, opts)
+    # As evaluate runs it: fp32, channels-last for conv nets; the reference: the usual NCHW.
+    speed = SETTINGS["fp32+channels_last" if conv else "fp32"]
+    model, _ = model_and_opt(name, opts, speed)
     model.eval()
     val = images[: args.eval_images]
-    predict_proba(model, val[:2], CROP, 10)  # warm-up
-    batched = best_rate(len(val), lambda: predict_proba(model, val, CROP, 10), args.repeats)
+    predict_proba(model, val[:2], CROP, 10, speed=speed)  # warm-up
+    batch = partial(predict_proba, model, val, CROP, 10, speed=speed)
+    batched = best_rate(len(val), batch, args.repeats)
+    model, _ = model_and_opt(name, opts)
+    model.eval()
     single = best_rate(len(val), lambda: one_image_at_a_time(model, val), args.repeats)
     print(f"{name} 10-crop eval: batched {batched:,.1f} img/s, one image at a time"
           f" {single:,.1f} img/s, ratio {batched / single:.1f}x", flush=True)  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from stages.data import center_crop, ten_crop
-from stages.device import Speed
+from stages.device import Speed, has_conv
 
 
 @torch.inference_mode()
@@ -24,9 +24,9 @@ def predict_proba(
 
     crops=1: the centre crop. crops=10: 4 corners + centre and their mirrors, softmax averaged;
     all ten crops of a batch go through the model as one (B*10, 3, S, S) batch. `speed` sets the
-    precision and memory format (those of training); default plain fp32.
+    precision and memory format (those of training); default fp32, channels-last for conv nets.
     """
-    speed = speed or Speed(torch.device(device))
+    speed = speed or Speed(torch.device(device), channels_last=has_conv(model))
     device = speed.device
     if crops not in (1, 10):
         raise ValueError(f"crops must be 1 or 10, got {crops}")
