@@ -309,16 +309,22 @@ def mean_image(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return (total / len(images)).astype(np.float32)
 
 
-def channel_std(images: np.ndarray, chunk: int = 4096) -> list[float]:
-    """Per-channel standard deviation of (N, H, W, 3) uint8, in 0-255 units."""
-    s = np.zeros(3)
-    s2 = np.zeros(3)
+def channel_std(images: np.ndarray, chunk: int = 256) -> list[float]:
+    """Per-channel standard deviation of (N, H, W, 3) uint8, in 0-255 units.
+
+    Exact, from each channel's histogram of the 256 values. The only temporary is one chunk's
+    channel as integers: a float copy of a chunk and its square (16 bytes per value) took
+    0.75 GiB at Tiny ImageNet's size and pushed preprocessing past twice its arrays' memory.
+    """
+    counts = np.zeros((3, 256), dtype=np.int64)
     for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].astype(np.float64)
-        s += block.sum(axis=(0, 1, 2))
-        s2 += (block**2).sum(axis=(0, 1, 2))
-    count = images.shape[0] * images.shape[1] * images.shape[2]
-    var = s2 / count - (s / count) ** 2
+        block = images[start : start + chunk].reshape(-1, 3)  # (n * H * W, 3)
+        for c in range(3):
+            counts[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256, dtype=np.float64)  # (256,)
+    n = counts.sum(axis=1)  # (3,)
+    mean = counts @ values / n  # (3,)
+    var = (counts * (values - mean[:, None]) ** 2).sum(axis=1) / n  # (3,)
     return [float(v) for v in np.sqrt(np.maximum(var, 1e-12))]
 
 

@@ -278,6 +278,8 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
             mlflow.log_params(flatten(p.to_dict()))
             if state:
                 mlflow.set_tag("resumed_from_epoch", str(start - 1))
+            else:  # files preprocess skipped (skip_bad_images); a resumed run logged it already
+                mlflow.log_metric("data_skipped_images", data.info.get("skipped_images", 0))
         for epoch in range(start, t.epochs + 1):
             if d.main and t.histogram_every and (epoch - 1) % t.histogram_every == 0:
                 _log_histograms(raw, hist_batch.to(device), speed, epoch - 1)
