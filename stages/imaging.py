@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CHUNK = 256  # files per task: large enough to amortise IPC, small enough for a smooth bar
 
@@ -115,6 +115,8 @@ def _decode_chunk(
     for i, path in enumerate(files):
         try:
             block[i] = load_rgb(path, size, fit)
+        except UnidentifiedImageError:  # its message names a BytesIO, not the file
+            bad.append((start + i, "not an image file PIL can read"))
         except Exception as err:  # any decoder failure is reported by path, never dropped
             bad.append((start + i, f"{type(err).__name__}: {err}"))
     return start, block, bad

@@ -315,3 +315,12 @@ def test_crop_size_checked_against_preprocess_image_size():
         from_dict(
             {"dataset": "shapes", "preprocess": {"shapes": {"max_count": 50, "max_radius": 5}}}
         )
+
+
+def test_a_file_that_is_not_an_image_is_named_with_a_plain_reason(tmp_path):
+    good, junk = tmp_path / "good.png", tmp_path / "junk.png"
+    Image.new("RGB", (8, 8), "red").save(good)
+    junk.write_text("not an image")
+    decoded = imaging.decode_files([good, junk], 8, fit=True, workers=1)
+    assert decoded.kept.tolist() == [0] and decoded.images.shape == (1, 8, 8, 3)
+    assert decoded.bad == [(str(junk), "not an image file PIL can read")]
