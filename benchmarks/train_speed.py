@@ -44,6 +44,7 @@ CPU = torch.device("cpu")
 SETTINGS = {  # engine speed settings by name (the reference is always plain fp32, NCHW)
     "fp32": Speed(CPU),  # NCHW
     "fp32+channels_last": Speed(CPU, channels_last=True),
+    "bf16": Speed(CPU, torch.bfloat16),
     "bf16+channels_last": Speed(CPU, torch.bfloat16, channels_last=True),
 }
 

@@ -69,8 +69,9 @@ def resolve_speed(
     notes: list[str] = []
     cuda = device.type == "cuda"
     if precision == "auto":
-        # CPU: fp32. On this project's reference CPU (AVX2, no AVX-512/AMX) bf16 autocast did
-        # not pay for its casts on every net (BENCHMARKS.md); pick bf16 by hand where it helps.
+        # CPU: fp32. On this project's reference CPU (AVX2, no AVX-512/AMX) bf16 autocast
+        # trained conv nets at ~0.1x and the mlp at 0.4x fp32's speed (BENCHMARKS.md); pick
+        # bf16 by hand on a CPU with AMX / AVX512-BF16 after measuring it there.
         bf16_ok = cuda and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16_ok else "fp32"
         notes.append(f"precision auto -> {precision}")
@@ -78,9 +79,9 @@ def resolve_speed(
         notes.append("precision fp16 skipped: CPU autocast fp16 has no speed benefit; using fp32")
         precision = "fp32"
     if memory_format == "auto":
-        # Conv nets: channels_last everywhere. On the reference CPU it trained alexnet 3-4x and
-        # resnet18 ~1.2x faster than NCHW (BENCHMARKS.md), and the pipeline's batches come out
-        # of the packed (N, H, W, 3) images in that layout for free.
+        # Conv nets: channels_last everywhere. On the reference CPU it trained resnet18 ~1.1-1.2x
+        # and alexnet at 28 px ~1.1-1.3x faster than NCHW, vgg16 the same (BENCHMARKS.md), and
+        # the pipeline's batches come out of the packed (N, H, W, 3) images in that layout.
         memory_format = "channels_last" if has_conv else "contiguous"
         notes.append(f"memory_format auto -> {memory_format}")
     elif memory_format == "channels_last" and not has_conv:
