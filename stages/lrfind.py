@@ -21,7 +21,6 @@ from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no
 from torch import nn
 from tqdm import tqdm
 
-import nets
 from stages import paths, tracking
 from stages.data import augment, augment_options, load_processed
 from stages.device import resolve_device
@@ -29,6 +28,7 @@ from stages.errors import PipelineError
 from stages.files import atomic_dir
 from stages.optim import make_optimizer
 from stages.params import Params, flatten
+from stages.train import build_model
 
 
 @dataclass
@@ -114,14 +114,7 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
     data = load_processed()
     images = torch.from_numpy(np.array(data.train_images)).to(device)  # (N, H, W, 3)
     labels = torch.from_numpy(data.train_labels).to(device)  # (N,)
-    model = nets.build(
-        p.model,
-        len(data.classes),
-        t.crop_size,
-        mean=data.mean_tensor(),
-        std=data.std_tensor(),
-        **p.net_options,
-    ).to(device)
+    model = build_model(p, data).to(device)
     optimizer = make_optimizer(model, t)
     generator = torch.Generator(device=device).manual_seed(p.seed)
     batch = min(t.batch_size, len(labels))

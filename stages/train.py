@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import nets
 from stages import checkpoint, distributed, histograms, paths, pretrained, tracking
-from stages.data import augment, augment_options, center_crop, load_processed
+from stages.data import Processed, augment, augment_options, center_crop, load_processed
 from stages.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.distributed import Dist
 from stages.errors import PipelineError
@@ -180,6 +180,14 @@ def _mlflow_run(d: Dist, run_id: str | None, p: Params) -> contextlib.AbstractCo
     return tracking.run(run_name=p.model, tags=tracking.run_tags(p.dataset, p.model))
 
 
+def build_model(p: Params, data: Processed) -> nn.Module:
+    """params.yaml's model for the processed data: its classes, crop size and normalisation."""
+    return nets.build(
+        p.model, len(data.classes), p.train.crop_size,
+        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
+    )  # fmt: skip
+
+
 def train(p: Params) -> dict[str, float]:
     """Train `p.model` on the preprocessed data; returns the last epoch's metrics."""
     d, device = distributed.setup(resolve_device(p.train.device))
@@ -204,10 +212,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     labels = torch.from_numpy(data.train_labels[shard]).to(device)  # (N / world,)
     val_images, val_labels = data.val_images[d.shard(len(data.val_labels))], data.val_labels
     val_labels = val_labels[d.shard(len(val_labels))]
-    raw = nets.build(
-        p.model, len(data.classes), t.crop_size,
-        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
-    )  # fmt: skip
+    raw = build_model(p, data)
     raw = pretrained.initialise(raw, p)  # train.init: scratch | pretrained | PATH
     speed, notes = resolve_speed(
         device, t.precision, t.memory_format, t.compile, t.cudnn_benchmark, has_conv(raw)
@@ -219,7 +224,8 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
         net = torch.compile(net)
     cuda = device.type == "cuda"
     optimizer = make_optimizer(raw, t, fused=True if cuda else None)
-    steps = max(1, n_total // d.world // max(1, t.batch_size // d.world))
+    per_rank = max(1, t.batch_size // d.world)  # train.batch_size is the global batch
+    steps = max(1, n_total // d.world // per_rank)
     ema = None
     if t.ema_decay:
         ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
@@ -299,7 +305,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
             improved = score > best
             best, since_best = (score, 0) if improved else (best, since_best + 1)
             row |= {"lr": lr, "epoch_seconds": seconds}
-            row["images_per_second"] = steps * max(1, t.batch_size // d.world) * d.world / seconds
+            row["images_per_second"] = steps * per_rank * d.world / seconds
             history.append({"epoch": epoch, **row})
             stop = t.patience and since_best >= t.patience
             if d.main:
