@@ -58,7 +58,7 @@ class InputNorm(nn.Module):
             top, left = (H - h) // 2, (W - w) // 2
             mean = mean[:, top : top + h, left : left + w]  # (3, h, w)
         # The mean in x's memory layout (conv nets get channels-last batches): the subtraction
-        # then streams through memory, ~1.5x faster on the CPU than mixing layouts.
+        # then streams through both tensors in one order instead of mixing two layouts.
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         fmt = torch.channels_last if cl else torch.contiguous_format
         mean = mean.unsqueeze(0).contiguous(memory_format=fmt)  # (1, 3, h, w)

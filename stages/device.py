@@ -79,9 +79,9 @@ def resolve_speed(
         notes.append("precision fp16 skipped: CPU autocast fp16 has no speed benefit; using fp32")
         precision = "fp32"
     if memory_format == "auto":
-        # Conv nets: channels_last everywhere. On the reference CPU it trained resnet18 ~1.1-1.2x
-        # and alexnet at 28 px ~1.1-1.3x faster than NCHW, vgg16 the same (BENCHMARKS.md), and
-        # the pipeline's batches come out of the packed (N, H, W, 3) images in that layout.
+        # Conv nets: channels_last everywhere. On the reference CPU it trained resnet18 and
+        # alexnet ~1.1x faster than NCHW (BENCHMARKS.md), and the pipeline's batches come out
+        # of the packed (N, H, W, 3) images in that layout.
         memory_format = "channels_last" if has_conv else "contiguous"
         notes.append(f"memory_format auto -> {memory_format}")
     elif memory_format == "channels_last" and not has_conv:
