@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages/
-from stages.imaging import available_cores, decode_files  # noqa: E402
+from stages.data.images import available_cores, decode_files  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, classes: int = 20, seed: int = 0) -> list[Path]:

@@ -31,12 +31,12 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nets/, stages/
 import nets  # noqa: E402
-from stages.data import augment  # noqa: E402
-from stages.device import Speed, has_conv  # noqa: E402
-from stages.distributed import Dist  # noqa: E402
-from stages.inference import predict_proba  # noqa: E402
+from stages.data.augment import augment  # noqa: E402
+from stages.engine.device import Speed, has_conv  # noqa: E402
+from stages.engine.distributed import Dist  # noqa: E402
+from stages.engine.inference import predict_proba  # noqa: E402
+from stages.engine.schedules import Schedule  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
-from stages.schedules import Schedule  # noqa: E402
 from stages.train import Engine, train_one_epoch  # noqa: E402
 
 SIZE, CROP, CLASSES = 64, 56, 10

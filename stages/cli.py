@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from stages.params import Params, ParamsError, load
 
 app = typer.Typer(
@@ -104,7 +104,7 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Top-k classes with probabilities for each image file, from the checkpoint alone."""
-    from stages.predict import predict as command
+    from stages.commands.predict import predict as command
 
     _guard(lambda: command(images, checkpoint, top, crops, saliency, device))
 
@@ -122,7 +122,7 @@ def lr_find(
     ),
 ) -> None:
     """Learning-rate range test for params.yaml's model: plot + suggested train.lr."""
-    from stages.lrfind import lr_find as command
+    from stages.commands.lrfind import lr_find as command
 
     _run(lambda p: command(p, start, end, steps), params, set_)
 
@@ -135,7 +135,7 @@ def ensemble(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Average the members' softmax on the validation set; top-1/5 of each and of the mean."""
-    from stages.ensemble import ensemble as command
+    from stages.commands.ensemble import ensemble as command
 
     _guard(lambda: command(members, crops, out, device))
 
@@ -151,7 +151,7 @@ def submit(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Tiny ImageNet challenge file: one line per test image, `file_name wnid`."""
-    from stages.submit import submit as command
+    from stages.commands.submit import submit as command
 
     _guard(lambda: command(images, checkpoint, out, crops, device))
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from stages import paths
-from stages.datasets import DATASETS
-from stages.errors import PipelineError
-from stages.fetch import copy_tree, extract, fetch
-from stages.files import atomic_dir
+from stages.core import paths
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_dir
+from stages.data.datasets import DATASETS
+from stages.data.fetch import copy_tree, extract, fetch
 from stages.params import DownloadParams, Params
 
 Fetcher = Callable[[Path, DownloadParams], None]

@@ -18,11 +18,11 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from stages import checkpoint, paths, tracking
-from stages.data import load_processed
-from stages.device import has_conv, prepare, resolve_device, resolve_speed
-from stages.files import atomic_dir, write_json
-from stages.inference import nll, predict_proba, topk_accuracy
+from stages.core import paths, tracking
+from stages.core.files import atomic_dir, write_json
+from stages.data.processed import load_processed
+from stages.engine.inference import nll, topk_accuracy
+from stages.engine.model import load_trained
 from stages.params import Params
 
 
@@ -64,30 +64,15 @@ def plot_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], ou
 
 def evaluate(p: Params) -> dict:
     """Evaluate out/train/model.pt on the validation split; returns metrics.json's content."""
-    device = resolve_device(p.train.device)
-    state = checkpoint.load(paths.CHECKPOINT)
-    model = checkpoint.build_model(state)
-    # The precision and memory format the model trained with (older checkpoints: fp32).
-    t = state.get("params", {}).get("train", {})
-    speed, _ = resolve_speed(
-        device,
-        t.get("precision", "fp32"),
-        t.get("memory_format", "contiguous"),
-        False,
-        False,
-        has_conv(model),
-    )
-    model = prepare(model, speed)
+    trained = load_trained(paths.CHECKPOINT, p.train.device)
+    state = trained.state
     data = load_processed()
     labels = torch.from_numpy(data.val_labels)
-    size = state["image_size"]
 
     metrics: dict = {}
     probs = {}
     for crops, name in ((1, "single_crop"), (10, "ten_crop")):
-        probs[name] = predict_proba(
-            model, data.val_images, size, crops, p.evaluate.batch_size, speed=speed
-        )
+        probs[name] = trained.predict(data.val_images, crops, p.evaluate.batch_size)
         metrics[name] = topk_accuracy(probs[name], labels) | {"loss": nll(probs[name], labels)}
     metrics["ten_crop_gain_top1"] = metrics["ten_crop"]["top1"] - metrics["single_crop"]["top1"]
     preds = probs["ten_crop"].argmax(1).numpy()

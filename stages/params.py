@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stages.datasets import DATASETS
+from stages.data.datasets import DATASETS
 
 
 class ParamsError(ValueError):
@@ -241,7 +241,9 @@ class Params:
                     f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
                 )
         if self.train.init == "pretrained":
-            from stages.pretrained import PRETRAINED  # torchvision enums: only when asked for
+            from stages.engine.pretrained import (
+                PRETRAINED,  # torchvision enums: only when asked for
+            )
 
             _check(
                 self.model in PRETRAINED,

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from stages import paths
+from stages.core import paths
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_dir, write_json
+from stages.data.images import Decoded, decode_files
+from stages.data.shapes import counting_set
 from stages.download import FOLDER
-from stages.errors import PipelineError
-from stages.files import atomic_dir, write_json
-from stages.imaging import Decoded, decode_files
 from stages.params import Params
-from stages.shapes import counting_set
 
 
 class LayoutError(PipelineError):

@@ -25,34 +25,26 @@ import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no display
-from torch import nn
 
-from stages import checkpoint, paths, tracking
-from stages.data import Processed, augment, center_crop, load_processed
-from stages.device import resolve_device
-from stages.explain import (
-    conv_layers,
-    excite,
-    first_layer_filters,
-    normalise_each,
-    plot_predictions,
-    saliency,
-    save_grid,
-    tile_grid,
-)
-from stages.files import atomic_dir
-from stages.inference import predict_proba
+from stages.core import checkpoint, paths, tracking
+from stages.core.files import atomic_dir
+from stages.data.augment import augment, center_crop
+from stages.data.processed import Processed, load_processed
+from stages.engine.model import Trained, load_trained
+from stages.explain.filters import conv_layers, excite, first_layer_filters
+from stages.explain.pictures import normalise_each, plot_predictions, save_grid, tile_grid
+from stages.explain.saliency import saliency
 from stages.params import Params
 
 
 class Context:
     """What every picture needs: the model, the data, the params, the output folder."""
 
-    def __init__(self, p: Params, state: dict, model: nn.Module, data: Processed, out: Path):
-        self.p, self.state, self.model, self.data, self.out = p, state, model, data, out
-        self.size: int = state["image_size"]
-        self.classes: list[str] = state["classes"]
-        self.device = next(model.parameters()).device
+    def __init__(self, p: Params, trained: Trained, data: Processed, out: Path):
+        self.p, self.trained, self.data, self.out = p, trained, data, out
+        self.state, self.model = trained.state, trained.model
+        self.size, self.classes = trained.crop_size, trained.classes
+        self.device = trained.speed.device
 
 
 def _with_saliency(
@@ -71,16 +63,14 @@ def predictions(ctx: Context) -> None:
     r = ctx.p.report
     n = min(r.num_images, len(ctx.data.val_labels))
     idx = np.random.default_rng(r.seed).choice(len(ctx.data.val_labels), n, replace=False)
-    probs = predict_proba(
-        ctx.model, ctx.data.val_images[np.sort(idx)], ctx.size, 1, 256, ctx.device
-    )
+    probs = ctx.trained.predict(ctx.data.val_images[np.sort(idx)], crops=1)
     probs = probs[np.argsort(np.argsort(idx))]  # (n, K) back in drawing order
     title = f"{n} random validation images (report.seed={r.seed}), centre crop"
     _with_saliency(ctx, idx, probs, ctx.out / "predictions.png", title)
 
 
 def mistakes(ctx: Context) -> None:
-    probs = predict_proba(ctx.model, ctx.data.val_images, ctx.size, 1, 256, ctx.device)  # (M, K)
+    probs = ctx.trained.predict(ctx.data.val_images, crops=1)  # (M, K)
     labels = torch.from_numpy(ctx.data.val_labels)
     confidence, pred = probs.max(1)  # (M,), (M,)
     wrong = (pred != labels).nonzero().flatten()
@@ -229,12 +219,11 @@ PICTURES: dict[str, Callable[[Context], None]] = {
 
 def report(p: Params) -> list[str]:
     """Draw the pictures `p.report.pictures` names; returns the files written."""
-    device = resolve_device(p.train.device)
-    state = checkpoint.load(paths.CHECKPOINT)
-    model = checkpoint.build_model(state).to(device).eval()
+    trained = load_trained(paths.CHECKPOINT, p.train.device)
+    state = trained.state
     data = load_processed()
     with atomic_dir(paths.REPORT) as out:
-        ctx = Context(p, state, model, data, out)
+        ctx = Context(p, trained, data, out)
         for name in p.report.pictures:
             start = time.perf_counter()
             PICTURES[name](ctx)

@@ -11,109 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import sys
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
-import nets
-from stages import checkpoint, distributed, histograms, paths, pretrained, tracking
-from stages.data import Processed, augment, augment_options, center_crop, load_processed
-from stages.device import Speed, has_conv, prepare, resolve_device, resolve_speed
-from stages.distributed import Dist
-from stages.errors import PipelineError
-from stages.files import atomic_path
-from stages.inference import predict_proba
-from stages.losses import make_loss
-from stages.optim import make_optimizer
-from stages.params import Params, TrainParams, flatten
-from stages.schedules import Schedule
-
-
-class TrainingError(PipelineError):
-    """Training cannot go on: the loss diverged or the batch does not fit in memory."""
-
-
-@dataclass
-class Engine:
-    """Everything one training step touches, built once per run."""
-
-    net: nn.Module  # what trains: the model, DDP-wrapped and/or compiled
-    raw: nn.Module  # the plain model: state dicts, evaluation
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    loss_fn: Any
-    scaler: torch.amp.GradScaler
-    ema: AveragedModel | None
-    speed: Speed
-    dist: Dist
-    generator: torch.Generator
-
-
-def train_one_epoch(
-    e: Engine, images: torch.Tensor, labels: torch.Tensor, t: TrainParams, epoch: int
-) -> dict[str, float]:
-    """One pass over a fresh permutation of this rank's (images (N, H, W, 3) uint8, labels)."""
-    e.net.train()
-    batch = max(1, t.batch_size // e.dist.world)  # train.batch_size is the global batch
-    steps = e.schedule.steps_per_epoch  # the same on every rank: DDP steps in lockstep
-    order = torch.randperm(len(labels), device=images.device, generator=e.generator)
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device)
-    # A GPU syncs to test the loss; there it is read every 25 steps, on the CPU every step.
-    check = 1 if images.device.type == "cpu" else 25
-    desc = f"epoch {epoch}/{t.epochs}"
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
-    for step in bar:
-        idx = order[step * batch : (step + 1) * batch]
-        x = augment(images, generator=e.generator, index=idx, **augment_options(t))  # (B,3,S,S)
-        y = labels[idx]  # (B,)
-        with e.speed.autocast():
-            logits = e.net(e.speed.inputs(x))  # (B, K)
-            loss = e.loss_fn(logits, y)
-        loss_sum += loss.detach() * len(y)
-        if (step % check == 0 or step == steps - 1) and not torch.isfinite(loss_sum):
-            raise TrainingError(
-                f"loss is {loss.item()} at epoch {epoch}, step {step + 1}/{steps}"
-                f" (learning rate {e.schedule.lr:.3g}); stopped. {paths.LAST} holds the last"
-                " good epoch; lower train.lr or check the data"
-            )
-        e.optimizer.zero_grad(set_to_none=True)
-        e.scaler.scale(loss).backward()
-        e.scaler.step(e.optimizer)
-        e.scaler.update()
-        e.schedule.step()
-        if e.ema is not None:
-            e.ema.update_parameters(e.raw)
-        correct += (logits.argmax(1) == y).sum()
-        if step % 10 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    sums = distributed.all_sum(e.dist, torch.stack([loss_sum, correct.float()]).float())
-    seen = steps * batch * e.dist.world
-    return {"train_loss": sums[0].item() / seen, "train_top1": sums[1].item() / seen}
-
-
-def validate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, size: int, batch_size: int,
-    speed: Speed, d: Dist, prefix: str = "val_",
-) -> dict[str, float]:  # fmt: skip
-    """Centre-crop loss, top-1 and top-5 over every rank's shard of the validation set."""
-    probs = predict_proba(model, images, size, 1, batch_size, speed=speed)  # (M, K) on CPU
-    y = torch.from_numpy(np.asarray(labels))  # (M,)
-    top = probs.topk(min(5, probs.shape[1]), dim=1).indices  # (M, k)
-    nll = -probs[torch.arange(len(y)), y].clamp_min(1e-12).log()  # (M,)
-    local = [nll.sum(), (top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), len(y)]
-    s = distributed.all_sum(d, torch.tensor([float(v) for v in local], device=speed.device))
-    n = max(1.0, s[3].item())
-    return {f"{prefix}loss": s[0].item() / n, f"{prefix}top1": s[1].item() / n,
-            f"{prefix}top5": s[2].item() / n}  # fmt: skip
+from stages.core import checkpoint, paths, tracking
+from stages.core.files import atomic_path
+from stages.data.augment import center_crop
+from stages.data.processed import load_processed
+from stages.engine import distributed, pretrained
+from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
+from stages.engine.distributed import Dist
+from stages.engine.loop import Engine, TrainingError, train_one_epoch, validate
+from stages.engine.losses import make_loss
+from stages.engine.model import build_model
+from stages.engine.optim import make_optimizer
+from stages.engine.schedules import Schedule
+from stages.explain import histograms
+from stages.params import Params, flatten
 
 
 def _write_history(rows: list[dict]) -> None:
@@ -178,14 +97,6 @@ def _mlflow_run(d: Dist, run_id: str | None, p: Params) -> contextlib.AbstractCo
     if run_id:
         return tracking.run(run_id=run_id)
     return tracking.run(run_name=p.model, tags=tracking.run_tags(p.dataset, p.model))
-
-
-def build_model(p: Params, data: Processed) -> nn.Module:
-    """params.yaml's model for the processed data: its classes, crop size and normalisation."""
-    return nets.build(
-        p.model, len(data.classes), p.train.crop_size,
-        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
-    )  # fmt: skip
 
 
 def train(p: Params) -> dict[str, float]:
@@ -266,7 +177,10 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
         result = ema.module if ema is not None else raw
         return {
             "net": p.model, "net_options": p.net_options, "num_classes": len(data.classes),
-            "image_size": t.crop_size, "classes": data.classes, "params": p.to_dict(),
+            "image_size": t.crop_size, "stored_size": data.image_size, "classes": data.classes,
+            "precision": speed.precision,
+            "memory_format": "channels_last" if speed.channels_last else "contiguous",
+            "params": p.to_dict(),
             "epoch": epoch, "model": result.state_dict(), "raw_model": raw.state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": e.schedule.state_dict(),
             "scaler": e.scaler.state_dict(), "ema": ema.state_dict() if ema else None,

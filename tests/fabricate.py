@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 import nets
-from stages import checkpoint, params, paths
+from stages import params
+from stages.core import checkpoint, paths
 
 SIZE = 16  # stored image side; models see 12 px crops
 CROP = 12
@@ -62,6 +63,9 @@ def save_checkpoint(path: Path, net: torch.nn.Module, run_id: str = "") -> None:
             "net_options": {"fc_width": 16},
             "num_classes": len(CLASSES),
             "image_size": CROP,
+            "stored_size": SIZE,
+            "precision": "fp32",
+            "memory_format": "channels_last",
             "classes": CLASSES,
             "params": p().to_dict(),
             "epoch": 1,

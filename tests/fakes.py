@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from stages.datasets import RemoteFile
+from stages.data.datasets import RemoteFile
 
 
 @dataclass

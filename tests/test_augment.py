@@ -2,7 +2,7 @@
 
 import torch
 
-from stages.data import augment, colour_jitter, cutout, to_float
+from stages.data.augment import augment, colour_jitter, cutout, to_float
 
 
 def batch(n: int = 64, size: int = 16) -> torch.Tensor:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nets
-from stages.data import augment, center_crop, crop_flip, ten_crop
-from stages.inference import predict_proba, topk_accuracy
+from stages.data.augment import augment, center_crop, crop_flip, ten_crop
+from stages.engine.inference import predict_proba, topk_accuracy
 from stages.preprocess import channel_std, mean_image, pad_and_stack
 
 

@@ -12,14 +12,15 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from stages import fetch, imaging
-from stages.datasets import DATASETS
+from stages.core.errors import PipelineError
+from stages.data import fetch
+from stages.data import images as imaging
+from stages.data.datasets import DATASETS
+from stages.data.fetch import UnsafeArchiveError
+from stages.data.shapes import counting_set
 from stages.download import download
-from stages.errors import PipelineError
-from stages.fetch import UnsafeArchiveError
 from stages.params import ParamsError, from_dict
 from stages.preprocess import BadImagesError, LayoutError, pad_and_stack, preprocess
-from stages.shapes import counting_set
 from tests import fakes
 from tests.fakes import Route, closed_port_url, serve
 

@@ -10,9 +10,9 @@ import zipfile
 import pytest
 from typer.testing import CliRunner
 
-from stages import fetch
 from stages.cli import app
-from stages.fetch import FetchError, UnsafeArchiveError, extract
+from stages.data import fetch
+from stages.data.fetch import FetchError, UnsafeArchiveError, extract
 from tests.fakes import Route, closed_port_url, remote, serve, tar_gz_bytes, zip_bytes
 
 BODY = bytes(range(256)) * 400  # 100 KiB, several read chunks when CHUNK is small

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.imagefiles import ImageFileError, read_image
+from stages.data.imagefiles import ImageFileError, read_image
 
 
 @pytest.fixture
@@ -55,15 +55,13 @@ def test_predict_png_grey_jpeg_and_a_non_image(tmp_path, ckpt):
 
 
 def test_predict_matches_the_model_on_a_stored_size_image(tmp_path, ckpt):
-    from stages import checkpoint
-    from stages.inference import predict_proba
-    from stages.predict import predict
+    from stages.commands.predict import predict
+    from stages.engine.model import load_trained
 
     x, _ = fabricate.images(1, 3)  # (1, 16, 16, 3): already the stored size, nothing resized
     Image.fromarray(x[0]).save(tmp_path / "x.png")
     [result] = predict([tmp_path / "x.png"], ckpt, top=4, crops=1, device="cpu")
-    model = checkpoint.build_model(checkpoint.load(ckpt))
-    expected = predict_proba(model, x, fabricate.CROP, 1)[0]  # (K,)
+    expected = load_trained(ckpt, "cpu").predict(x, 1)[0]  # (K,)
     got = dict(result.top)
     for k, name in enumerate(fabricate.CLASSES):
         assert got[name] == pytest.approx(float(expected[k]), abs=1e-6)

@@ -8,7 +8,8 @@ import torch
 from torchvision import models as tvm
 
 import nets
-from stages import params, pretrained
+from stages import params
+from stages.engine import pretrained
 
 
 @pytest.fixture

@@ -6,15 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from stages import paths
-from stages.explain import (
-    excite,
-    first_layer_filters,
-    normalise_each,
-    receptive_field,
-    saliency,
-    tile_grid,
-)
+from stages.core import paths
+from stages.explain.filters import excite, first_layer_filters, receptive_field
+from stages.explain.pictures import normalise_each, tile_grid
+from stages.explain.saliency import saliency
 
 
 class OnePixel(nn.Module):
@@ -85,7 +80,7 @@ def pipeline_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    from stages import tracking
+    from stages.core import tracking
 
     fabricate.processed(tmp_path)
     fabricate.history_and_predictions(tmp_path)

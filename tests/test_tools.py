@@ -10,9 +10,9 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from stages import paths
 from stages.cli import app
-from stages.lrfind import range_test
+from stages.commands.lrfind import range_test
+from stages.core import paths
 
 
 def test_range_test_suggests_a_rate_inside_its_range_and_stops_on_divergence():
@@ -58,9 +58,8 @@ def test_lr_find_command_writes_plot_and_logs_a_run(tmp_path, monkeypatch):
 
 
 def test_ensemble_of_two_copies_equals_the_single_model(tmp_path, monkeypatch):
-    from stages import checkpoint
-    from stages.ensemble import average_proba, ensemble
-    from stages.inference import predict_proba
+    from stages.commands.ensemble import average_proba, ensemble
+    from stages.engine.model import load_trained
 
     monkeypatch.chdir(tmp_path)
     fabricate.processed(tmp_path)
@@ -68,10 +67,10 @@ def test_ensemble_of_two_copies_equals_the_single_model(tmp_path, monkeypatch):
     fabricate.save_checkpoint(tmp_path / "b.pt", fabricate.model(0))
     fabricate.save_checkpoint(tmp_path / "c.pt", fabricate.model(1))
     images, _ = fabricate.images(16, 1)
-    model = checkpoint.build_model(checkpoint.load(tmp_path / "a.pt"))
-    single = predict_proba(model, images, fabricate.CROP, 10)
-    twin = checkpoint.build_model(checkpoint.load(tmp_path / "b.pt"))
-    mean, each = average_proba([(model, fabricate.CROP), (twin, fabricate.CROP)], images, 10)
+    model = load_trained(tmp_path / "a.pt", "cpu")
+    single = model.predict(images, 10)
+    twin = load_trained(tmp_path / "b.pt", "cpu")
+    mean, each = average_proba([model, twin], images, 10)
     assert torch.allclose(mean, single, atol=1e-6) and len(each) == 2
 
     out = tmp_path / "ens.json"

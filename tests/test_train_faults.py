@@ -14,9 +14,10 @@ import torch
 from train_helpers import make_processed, write_params
 from typer.testing import CliRunner
 
-from stages import checkpoint, params
+from stages import params
 from stages import train as train_module
 from stages.cli import app
+from stages.core import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from stages import histograms
-from stages.data import augment
-from stages.device import resolve_speed
-from stages.losses import make_loss
+from stages.data.augment import augment
+from stages.engine.device import resolve_speed
+from stages.engine.losses import make_loss
+from stages.engine.schedules import Schedule, multiplier
+from stages.explain import histograms
 from stages.params import TrainParams
-from stages.schedules import Schedule, multiplier
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
 LABELS = torch.tensor([0, 1])

@@ -10,7 +10,7 @@ from train_helpers import make_processed
 
 from stages import params
 from stages import train as train_module
-from stages.datasets import DATASETS
+from stages.data.datasets import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "presets"))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 
 class PretrainedError(PipelineError):
@@ -135,7 +135,7 @@ def initialise(model: nn.Module, p: Any) -> nn.Module:
         copied, skipped = copy_matching(model, state)
         source = f"torchvision {weights}"
     else:
-        from stages import checkpoint  # imports the nets registry: only for this case
+        from stages.core import checkpoint  # imports the nets registry: only for this case
 
         ckpt = checkpoint.load(Path(init))
         # Keep this dataset's input normalisation (the mean image inside the model).

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from stages import checkpoint
-from stages.data import load_processed
-from stages.device import resolve_device
-from stages.errors import PipelineError
-from stages.files import write_json
-from stages.inference import predict_proba, topk_accuracy
+from stages.core.errors import PipelineError
+from stages.core.files import write_json
+from stages.data.processed import load_processed
+from stages.engine.inference import topk_accuracy
+from stages.engine.model import Trained, load_trained
 
 RUN_CHECKPOINT = "checkpoint/model.pt"  # where report logs the checkpoint in a training run
 
@@ -30,7 +28,7 @@ def resolve_member(member: str) -> Path:
         return path
     import mlflow
 
-    from stages import tracking
+    from stages.core import tracking
 
     tracking.setup()
     try:
@@ -46,13 +44,10 @@ def resolve_member(member: str) -> Path:
 
 
 def average_proba(
-    members: list[tuple[nn.Module, int]],
-    images: np.ndarray,
-    crops: int,
-    device: torch.device | str = "cpu",
+    members: list[Trained], images: np.ndarray, crops: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean softmax (N, K) of (model, crop size) members on uint8 images, and each member's."""
-    each = [predict_proba(model, images, size, crops, device=device) for model, size in members]
+    """Mean softmax (N, K) of the members on uint8 images, and each member's."""
+    each = [member.predict(images, crops) for member in members]
     return torch.stack(each).mean(0), each  # (N, K), M x (N, K)
 
 
@@ -62,22 +57,21 @@ def ensemble(
     """Top-1/top-5 of each member and of their averaged softmax; optionally written as JSON."""
     if crops not in (1, 10):
         raise PipelineError(f"--crops must be 1 or 10, got {crops}")
-    dev = resolve_device(device)
     data = load_processed()
     labels = torch.from_numpy(data.val_labels)
     results: dict = {"members": {}, "crops": crops}
     loaded = []
     for member in members:
-        state = checkpoint.load(resolve_member(member))
-        if state["classes"] != data.classes:
+        trained = load_trained(resolve_member(member), device)
+        if trained.classes != data.classes:
             raise PipelineError(
                 f"{member}: trained on other classes than out/processed/ holds"
-                f" ({state['num_classes']} vs {len(data.classes)}); ensemble models of one dataset"
+                f" ({len(trained.classes)} vs {len(data.classes)}); ensemble models of one dataset"
             )
-        loaded.append((checkpoint.build_model(state).to(dev), state["image_size"], state["net"]))
-    mean, each = average_proba([(m, s) for m, s, _ in loaded], data.val_images, crops, dev)
-    for member, (_, _, net), probs in zip(members, loaded, each, strict=True):
-        results["members"][member] = topk_accuracy(probs, labels) | {"net": net}
+        loaded.append(trained)
+    mean, each = average_proba(loaded, data.val_images, crops)
+    for member, trained, probs in zip(members, loaded, each, strict=True):
+        results["members"][member] = topk_accuracy(probs, labels) | {"net": trained.state["net"]}
     results["ensemble"] = topk_accuracy(mean, labels)
     width = max(len(m) for m in [*members, "ensemble"])
     for name, row in [*results["members"].items(), ("ensemble", results["ensemble"])]:

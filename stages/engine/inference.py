@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.data import center_crop, ten_crop
-from stages.device import Speed, has_conv
+from stages.data.augment import center_crop, ten_crop
+from stages.engine.device import Speed, has_conv
 
 
 @torch.inference_mode()

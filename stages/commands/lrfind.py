@@ -21,14 +21,15 @@ from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no
 from torch import nn
 from tqdm import tqdm
 
-from stages import paths, tracking
-from stages.data import augment, augment_options, load_processed
-from stages.device import resolve_device
-from stages.errors import PipelineError
-from stages.files import atomic_dir
-from stages.optim import make_optimizer
+from stages.core import paths, tracking
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_dir
+from stages.data.augment import augment, augment_options
+from stages.data.processed import load_processed
+from stages.engine.device import resolve_device
+from stages.engine.model import build_model
+from stages.engine.optim import make_optimizer
 from stages.params import Params, flatten
-from stages.train import build_model
 
 
 @dataclass

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import checkpoint, paths
-from stages.device import resolve_device
-from stages.errors import PipelineError
-from stages.files import atomic_path
-from stages.imagefiles import read_image, stored_image_size
-from stages.inference import predict_proba
+from stages.core import paths
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_path
+from stages.data.imagefiles import read_image
+from stages.engine.model import load_trained
 
 EXTENSIONS = {".jpeg", ".jpg", ".png"}
 
@@ -55,18 +54,15 @@ def submit(
     files = sorted(f for f in images.iterdir() if f.suffix.lower() in EXTENSIONS)
     if not files:
         raise PipelineError(f"{images}: no .JPEG/.jpg/.png images")
-    dev = resolve_device(device)
-    state = checkpoint.load(checkpoint_path)
-    model = checkpoint.build_model(state).to(dev).eval()
-    ids = class_ids(state)
-    stored = stored_image_size(state)
+    trained = load_trained(checkpoint_path, device)
+    ids = class_ids(trained.state)
     lines = []
     # Decoded in chunks: 10,000 test images never sit in memory as PIL objects at once.
     starts = range(0, len(files), chunk)
     for start in tqdm(starts, desc="submit", unit="chunk", disable=not sys.stderr.isatty()):
         part = files[start : start + chunk]
-        batch = torch.from_numpy(np.stack([read_image(f, stored) for f in part]))  # (n,S,S,3)
-        pred = predict_proba(model, batch, state["image_size"], crops, device=dev).argmax(1)
+        batch = torch.from_numpy(np.stack([read_image(f, trained.stored_size) for f in part]))
+        pred = trained.predict(batch, crops).argmax(1)  # (n,)
         lines += [f"{f.name} {ids[k]}" for f, k in zip(part, pred.tolist(), strict=True)]
     with atomic_path(Path(out)) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-import nets
-from stages.errors import PipelineError
-from stages.files import atomic_path
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_path
 
 FORMAT = "convnet-pipeline/checkpoint/1"
 
@@ -45,12 +43,3 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (format != {FORMAT})")
     return state
-
-
-def build_model(state: dict[str, Any]) -> nn.Module:
-    """The network a checkpoint describes, with its weights (and input normalisation) loaded."""
-    model = nets.build(
-        state["net"], state["num_classes"], state["image_size"], **state["net_options"]
-    )
-    model.load_state_dict(state["model"])
-    return model

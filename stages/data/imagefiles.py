@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.datasets import DATASETS
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
+from stages.data.datasets import DATASETS
 
 
 class ImageFileError(PipelineError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 GAP = 2  # pixels between circles: they never touch, even diagonally, so each is one component
 TRIES = 200  # random placements per circle before the image is started again

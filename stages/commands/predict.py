@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import checkpoint, paths
-from stages.data import center_crop
-from stages.device import resolve_device
-from stages.errors import PipelineError
-from stages.explain import plot_predictions, saliency
-from stages.files import atomic_path
-from stages.imagefiles import ImageFileError, read_image, stored_image_size
-from stages.inference import predict_proba
+from stages.core import paths
+from stages.core.errors import PipelineError
+from stages.core.files import atomic_path
+from stages.data.augment import center_crop
+from stages.data.imagefiles import ImageFileError, read_image
+from stages.engine.model import load_trained
+from stages.explain.pictures import plot_predictions
+from stages.explain.saliency import saliency
 
 
 @dataclass
@@ -46,11 +46,8 @@ def predict(
         raise PipelineError(f"--crops must be 1 or 10, got {crops}")
     if top < 1:
         raise PipelineError(f"--top must be a positive integer, got {top}")
-    dev = resolve_device(device)
-    state = checkpoint.load(checkpoint_path)
-    model = checkpoint.build_model(state).to(dev).eval()
-    classes, size = state["classes"], state["image_size"]
-    stored = stored_image_size(state)
+    trained = load_trained(checkpoint_path, device)
+    classes, size, stored = trained.classes, trained.crop_size, trained.stored_size
 
     arrays, ok, failures = [], [], []
     for path in images:
@@ -63,7 +60,7 @@ def predict(
     results: list[Prediction] = []
     if ok:
         batch = torch.from_numpy(np.stack(arrays))  # (N, S0, S0, 3) uint8
-        probs = predict_proba(model, batch, size, crops, device=dev)  # (N, K)
+        probs = trained.predict(batch, crops)  # (N, K)
         k = min(top, len(classes))
         for path, row in zip(ok, probs, strict=True):
             p, idx = row.topk(k)
@@ -75,8 +72,8 @@ def predict(
             for name, q in result.top:
                 print(f"  {q:7.2%}  {name}")
         if saliency_out is not None:
-            x = center_crop(batch, size).to(dev)  # (N, 3, S, S)
-            maps = saliency(model, x).cpu()  # (N, S, S)
+            x = center_crop(batch, size).to(trained.speed.device)  # (N, 3, S, S)
+            maps = saliency(trained.model, x).cpu()  # (N, S, S)
             titles = [path.name[:28] for path in ok]
             with atomic_path(Path(saliency_out)) as tmp:
                 plot_predictions(x.cpu(), maps, probs, classes, tmp, titles=titles, top=k)

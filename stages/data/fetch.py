@@ -31,8 +31,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from stages.datasets import RemoteFile
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
+from stages.data.datasets import RemoteFile
 
 BACKOFF_S = 1.0  # first wait between attempts; doubles each time (tests set it to 0)
 CHUNK = 1 << 20

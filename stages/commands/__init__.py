@@ -1,0 +1,5 @@
+"""Tools around a trained model that are not pipeline stages: predict, ensemble, submit, lr-find.
+
+Each is one command of the CLI; they import the engine, the data path and explain, never a
+stage.
+"""

@@ -1,0 +1,4 @@
+"""Infrastructure every stage shares: paths, errors, atomic files, checkpoints, MLflow tracking.
+
+Imports nothing from the rest of `stages` (only `nets`), so anything may import it.
+"""

@@ -1,0 +1,85 @@
+"""Building a network: fresh from params.yaml for training, or trained from a checkpoint.
+
+`load_trained` is the one loader of a trained model: evaluate, report, predict, ensemble and
+submit all go through it, so every one of them runs the model in the precision and memory
+format it was trained with and sees the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import nets
+from stages.core import checkpoint
+from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
+from stages.engine.inference import predict_proba
+
+if TYPE_CHECKING:
+    from stages.data.processed import Processed
+    from stages.params import Params
+
+
+def build_model(p: Params, data: Processed) -> nn.Module:
+    """params.yaml's model for the processed data: its classes, crop size and normalisation."""
+    return nets.build(
+        p.model, len(data.classes), p.train.crop_size,
+        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
+    )  # fmt: skip
+
+
+def from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """The network a checkpoint describes, with its weights (and input normalisation) loaded."""
+    model = nets.build(
+        state["net"], state["num_classes"], state["image_size"], **state["net_options"]
+    )
+    model.load_state_dict(state["model"])
+    return model
+
+
+@dataclass
+class Trained:
+    """A trained model ready for inference, and what its checkpoint says about it."""
+
+    model: nn.Module  # in eval mode, on `speed.device`, in the training's memory format
+    speed: Speed  # the precision and memory format the model trained with
+    state: dict[str, Any]  # the checkpoint
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.state["classes"])
+
+    @property
+    def crop_size(self) -> int:
+        """The side of the crops the model takes (train.crop_size)."""
+        return int(self.state["image_size"])
+
+    @property
+    def stored_size(self) -> int:
+        """The side of the processed images the crops were cut from."""
+        return int(self.state["stored_size"])
+
+    def predict(
+        self, images: np.ndarray | torch.Tensor, crops: int = 1, batch_size: int = 256
+    ) -> torch.Tensor:
+        """Class probabilities (N, K) on the CPU for uint8 images (N, stored, stored, 3)."""
+        return predict_proba(
+            self.model, images, self.crop_size, crops, batch_size, speed=self.speed
+        )
+
+
+def load_trained(path: Path, device: str | torch.device = "auto") -> Trained:
+    """Load a checkpoint for inference on `device` ("auto": the GPU if there is one)."""
+    state = checkpoint.load(path)
+    model = from_checkpoint(state)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    speed, _ = resolve_speed(
+        dev, state["precision"], state["memory_format"], compile=False,
+        cudnn_benchmark=False, has_conv=has_conv(model),
+    )  # fmt: skip
+    return Trained(prepare(model, speed).eval(), speed, state)
