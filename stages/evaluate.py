@@ -66,7 +66,8 @@ def evaluate(p: Params) -> dict:
     """Evaluate out/train/model.pt on the validation split; returns metrics.json's content."""
     trained = load_trained(paths.CHECKPOINT, p.train.device)
     state = trained.state
-    data = load_processed()
+    data = load_processed(p.preprocess_inputs())
+    data.check_classes(trained.classes, str(paths.CHECKPOINT))
     labels = torch.from_numpy(data.val_labels)
 
     metrics: dict = {}

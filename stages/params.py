@@ -277,6 +277,12 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def preprocess_inputs(self) -> dict[str, Any]:
+        """The params that determine out/processed (what preprocess records in info.json)."""
+        pre = dataclasses.asdict(self.preprocess)
+        del pre["workers"]  # how many processes decode changes nothing in the result
+        return {"seed": self.seed, "dataset": self.dataset, "preprocess": pre}
+
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:

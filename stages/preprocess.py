@@ -375,6 +375,7 @@ def preprocess(p: Params) -> Path:
             out / "info.json",
             {
                 "dataset": p.dataset,
+                "params": p.preprocess_inputs(),  # checked by every stage that loads the data
                 "image_size": int(splits.train_images.shape[1]),
                 "num_classes": len(splits.classes),
                 "train_count": len(splits.train_labels),

@@ -221,7 +221,8 @@ def report(p: Params) -> list[str]:
     """Draw the pictures `p.report.pictures` names; returns the files written."""
     trained = load_trained(paths.CHECKPOINT, p.train.device)
     state = trained.state
-    data = load_processed()
+    data = load_processed(p.preprocess_inputs())
+    data.check_classes(trained.classes, str(paths.CHECKPOINT))
     with atomic_dir(paths.REPORT) as out:
         ctx = Context(p, trained, data, out)
         for name in p.report.pictures:

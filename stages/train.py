@@ -117,7 +117,7 @@ def train(p: Params) -> dict[str, float]:
 def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     t = p.train
     torch.manual_seed(p.seed)
-    data = load_processed()
+    data = load_processed(p.preprocess_inputs())
     shard, n_total = d.shard(len(data.train_labels)), len(data.train_labels)
     images = torch.from_numpy(np.array(data.train_images[shard])).to(device)  # (N/world,H,W,3)
     labels = torch.from_numpy(data.train_labels[shard]).to(device)  # (N / world,)

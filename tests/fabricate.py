@@ -14,6 +14,7 @@ import nets
 from stages import params
 from stages.core import checkpoint, paths
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 16  # stored image side; models see 12 px crops
 CROP = 12
 CLASSES = ["zero", "one", "two", "three"]
@@ -46,7 +47,7 @@ def processed(root: Path) -> None:
 
 def p(*overrides: str) -> params.Params:
     base = ["model=alexnet", f"train.crop_size={CROP}", "nets.alexnet.fc_width=16"]
-    return params.load(Path(__file__).parents[1] / "params.yaml", base + list(overrides))
+    return params.load(REPO / "params.yaml", base + list(overrides))
 
 
 def model(seed: int = 0) -> torch.nn.Module:

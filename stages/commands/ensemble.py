@@ -63,11 +63,7 @@ def ensemble(
     loaded = []
     for member in members:
         trained = load_trained(resolve_member(member), device)
-        if trained.classes != data.classes:
-            raise PipelineError(
-                f"{member}: trained on other classes than out/processed/ holds"
-                f" ({len(trained.classes)} vs {len(data.classes)}); ensemble models of one dataset"
-            )
+        data.check_classes(trained.classes, member)  # members must share one dataset
         loaded.append(trained)
     mean, each = average_proba(loaded, data.val_images, crops)
     for member, trained, probs in zip(members, loaded, each, strict=True):

@@ -112,7 +112,7 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
     t = p.train
     device = resolve_device(t.device)
     torch.manual_seed(p.seed)
-    data = load_processed()
+    data = load_processed(p.preprocess_inputs())
     images = torch.from_numpy(np.array(data.train_images)).to(device)  # (N, H, W, 3)
     labels = torch.from_numpy(data.train_labels).to(device)  # (N,)
     model = build_model(p, data).to(device)

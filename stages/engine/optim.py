@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from stages.params import TrainParams
+if TYPE_CHECKING:  # the engine takes params, it never loads them
+    from stages.params import TrainParams
 
 
 def _param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from stages.params import TrainParams
+if TYPE_CHECKING:  # the engine takes params, it never loads them
+    from stages.params import TrainParams
 
 # Multiplier after warm-up as a function of (progress in [0, 1], epoch, params).
 SHAPES: dict[str, Callable[[float, int, TrainParams], float]] = {
