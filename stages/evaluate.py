@@ -1,7 +1,7 @@
 """Stage 4, evaluate: single-crop and 10-crop accuracy of the trained model on the validation set.
 
 Writes out/evaluate/ as a whole: metrics.json (`dvc metrics show`), predictions.csv (`dvc plots`
-confusion matrix), per_class.csv, confusion_matrix.png, learning_curves.png; and adds the same
+confusion matrix), per_class.csv and confusion_matrix.png; and adds the same
 metrics and pictures to the training's MLflow run.
 """
 
@@ -24,29 +24,6 @@ from stages.data.processed import load_processed
 from stages.engine.inference import nll, topk_accuracy
 from stages.engine.model import load_trained
 from stages.params import Params
-
-
-def plot_learning_curves(history_csv: Path, out: Path) -> None:
-    """Loss and top-1 (train and val) per epoch, with the learning rate, in one figure."""
-    with open(history_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    col = {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
-    fig = Figure(figsize=(13, 3.8))
-    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
-    ax_loss.plot(col["epoch"], col["train_loss"], label="train")
-    ax_loss.plot(col["epoch"], col["val_loss"], label="val")
-    ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.plot(col["epoch"], col["train_top1"], label="train top-1")
-    ax_acc.plot(col["epoch"], col["val_top1"], label="val top-1")
-    ax_acc.plot(col["epoch"], col["val_top5"], label="val top-5", linestyle="--")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.01))
-    ax_lr.plot(col["epoch"], col["lr"], color="tab:gray")
-    ax_lr.set(title="learning rate (epoch start)", xlabel="epoch")
-    for ax in (ax_loss, ax_acc):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
 
 
 def plot_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], out: Path) -> None:
@@ -94,7 +71,6 @@ def evaluate(p: Params) -> dict:
                 acc = float((preds[mask] == k).mean()) if mask.any() else float("nan")
                 writer.writerow([name, int(mask.sum()), f"{acc:.4f}"])
         plot_confusion(truth, preds, data.classes, out / "confusion_matrix.png")
-        plot_learning_curves(paths.HISTORY, out / "learning_curves.png")
 
     with tracking.run(run_id=state["mlflow_run_id"]):
         mlflow.log_metrics(

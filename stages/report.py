@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,13 +29,13 @@ from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.files import atomic_dir
-from stages.data.augment import augment, center_crop
+from stages.data.augment import augment, augment_options, center_crop
 from stages.data.processed import Processed, load_processed
 from stages.engine.model import Trained, load_trained
 from stages.explain.filters import conv_layers, excite, first_layer_filters
 from stages.explain.pictures import normalise_each, plot_predictions, save_grid, tile_grid
 from stages.explain.saliency import saliency
-from stages.params import Params
+from stages.params import Params, TrainParams
 
 
 class Context:
@@ -109,23 +110,49 @@ def filters(ctx: Context) -> None:
         save_grid(grid, ctx.out / f"filters_conv{number}.png", title)
 
 
+def augmentation_views(t: TrainParams) -> list[tuple[str, dict]]:
+    """(title, `augment` options) per row of the preview: the crop training starts from, each
+    configured distortion on its own on top of it, then all of them together as trained."""
+    every = augment_options(t)
+    crop = every | {"flip": False, "vflip": False, "brightness": 0.0, "contrast": 0.0,
+                    "saturation": 0.0, "hue": 0.0, "cutout_size": 0}  # fmt: skip
+    if t.resized_crop:
+        base = f"random-resized crop {t.crop_size} (area >= {t.resized_crop_scale:g})"
+    else:
+        base = f"random crop {t.crop_size}" + (f" after {t.pad} px padding" if t.pad else "")
+    views = [(base, crop)]
+    jitter = {k: getattr(t, k) for k in ("brightness", "contrast", "saturation", "hue")}
+    extras = [
+        ("+ horizontal flip", {"flip": True}, t.flip),
+        ("+ vertical flip", {"vflip": True}, t.vflip),
+        ("+ colour jitter " + ", ".join(f"{k} {v:g}" for k, v in jitter.items() if v), jitter,
+         any(jitter.values())),
+        (f"+ cutout {t.cutout} px", {"cutout_size": t.cutout}, t.cutout > 0),
+    ]  # fmt: skip
+    views += [(title, crop | change) for title, change, on in extras if on]
+    if len(views) > 2:
+        views.append(("all together, as trained", every))
+    return views
+
+
 def augmentation(ctx: Context) -> None:
     t, r = ctx.p.train, ctx.p.report
     n = min(r.augment_images, len(ctx.data.train_labels))
     idx = np.sort(np.random.default_rng(r.seed).choice(len(ctx.data.train_labels), n, False))
     images = torch.from_numpy(np.ascontiguousarray(ctx.data.train_images[idx]))  # (n, H, W, 3)
-    generator = torch.Generator().manual_seed(r.seed)
-    distorted = augment(images, t.crop_size, t.pad, t.flip, generator)  # (n, 3, S, S)
-    original = center_crop(images, t.crop_size)  # (n, 3, S, S)
-    scale = max(1, 64 // t.crop_size)
-    fig = Figure(figsize=(14, 7.5))
-    for ax, tiles, name in zip(
-        fig.subplots(1, 2), (original, distorted), ("centre crop", "as trained"), strict=True
-    ):
-        ax.imshow(tile_grid(tiles, ncols=8, scale=scale, pad=2), interpolation="nearest")
+    rows = [("centre crop (evaluation)", center_crop(images, t.crop_size))]  # (n, 3, S, S)
+    for title, options in augmentation_views(t):
+        generator = torch.Generator().manual_seed(r.seed)  # each row from the same draws
+        rows.append((title, augment(images, generator=generator, **options)))  # (n, 3, S, S)
+    cols = min(n, 16)
+    scale = max(1, 48 // t.crop_size)
+    per_row = math.ceil(n / cols)
+    fig = Figure(figsize=(14, (per_row * 14 / cols + 0.4) * len(rows)))
+    for ax, (title, tiles) in zip(fig.subplots(len(rows), 1), rows, strict=True):
+        ax.imshow(tile_grid(tiles, ncols=cols, scale=scale, pad=2), interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(name)
-    fig.suptitle(f"augmentation: crop {t.crop_size}, pad {t.pad}, flip {t.flip}")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"augmentation preview: {n} training images (report.seed={r.seed})")
     fig.tight_layout()
     fig.savefig(ctx.out / "augmentation.png", dpi=80)
 
