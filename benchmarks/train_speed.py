@@ -8,10 +8,10 @@ Each figure is the best of --repeats runs, engine and reference interleaved.
     python benchmarks/train_speed.py --images 128 --batch 32 --models resnet18 \\
         --settings fp32,fp32+channels_last,bf16+channels_last
 
-Measures, per the issue: (1) the input pipeline alone; (2) one training epoch, engine
-(stages.train.train_one_epoch) vs reference, and the engine vs the same model stepping on one
+Measures: (1) the input pipeline alone; (2) one training epoch, engine
+(stages.engine.loop.train_one_epoch) vs reference, and the engine vs the same model stepping on one
 pre-made batch (the limit: what is left is the data path's cost); (3) 10-crop evaluation,
-stages.inference.predict_proba vs classifying one image at a time (TenCrop + ToTensor).
+stages.engine.inference.predict_proba vs classifying one image at a time (TenCrop + ToTensor).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`python -m stages <command>`: what dvc.yaml calls (see DESIGN.md on queued experiments)."""
+"""`python -m stages <command>`: what dvc.yaml calls.
+
+Not the `convnet` console script: in queued and --temp experiments an editable install's
+script would import the main workspace's code instead of the experiment's own snapshot.
+"""
 
 from stages.cli import main
 

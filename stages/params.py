@@ -108,7 +108,6 @@ class TrainParams:
     # weights) or the path of one of this project's checkpoints.
     init: str = "scratch"
     freeze_epochs: int = 0  # train only the new layers for this many epochs first
-    # --- added by the training engine (issue 4); defaults keep the earlier behaviour ---
     loss: Literal["cross_entropy", "hinge"] = "cross_entropy"  # smoothed: label_smoothing > 0
     decay_norm_and_bias: bool = False  # weight decay on biases and norm parameters too
     plateau_patience: int = 3  # "plateau" schedule: epochs without val top-1 gain before a cut
