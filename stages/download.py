@@ -23,9 +23,6 @@ from stages.params import DownloadParams, Params
 
 Fetcher = Callable[[Path, DownloadParams], None]
 
-FOLDER = "folder"  # out/raw/folder/<class>/*: the snapshot of data/<download.folder>
-
-
 def _digits(dest: Path, _: DownloadParams) -> None:
     # The very file sklearn.datasets.load_digits parses: 1,797 rows of 64 pixels (0-16) + label.
     source = resources.files("sklearn.datasets") / "data" / "digits.csv.gz"
@@ -80,7 +77,7 @@ def _folder(dest: Path, d: DownloadParams) -> None:
             f"{src}: found {len(classes)} class folder(s); need at least 2, as"
             f" {src}/<class name>/<images>"
         )
-    count = copy_tree(src, dest / FOLDER)
+    count = copy_tree(src, dest / paths.FOLDER)
     print(f"download: folder: copied {count} files in {len(classes)} classes from {src}")
 
 

@@ -27,7 +27,6 @@ from stages.core.errors import PipelineError
 from stages.core.files import atomic_dir, write_json
 from stages.data.images import Decoded, decode_files
 from stages.data.shapes import counting_set
-from stages.download import FOLDER
 from stages.params import Params
 
 
@@ -245,7 +244,7 @@ def _image_suffixes() -> set[str]:
 
 
 def _read_folder(raw: Path, p: Params) -> Splits:
-    root = _require(raw / FOLDER, "folder")
+    root = _require(raw / paths.FOLDER, "folder")
     suffixes = _image_suffixes()
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files: list[Path] = []

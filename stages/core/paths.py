@@ -7,6 +7,7 @@ from pathlib import Path
 
 OUT = Path("out")
 RAW = OUT / "raw"  # download: raw files, untouched
+FOLDER = "folder"  # dataset=folder: RAW/folder/<class>/* is the snapshot of your images
 PROCESSED = OUT / "processed"  # preprocess: packed uint8 arrays, labels, classes, mean image
 TRAIN = OUT / "train"  # train: checkpoint, per-epoch history, MLflow run id
 EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-class accuracy
