@@ -8,6 +8,7 @@ naming the key, which the CLI turns into one line and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,22 @@ from stages.data.datasets import DATASETS
 
 class ParamsError(ValueError):
     """A bad value in params.yaml or in a command-line override."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as DVC reads it: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, while
+    DVC (YAML 1.2) and every user read a number. One loader for params.yaml and `-S` values."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -156,10 +173,12 @@ class TrainParams:
             "train.label_smoothing",
             "applies to loss cross_entropy only",
         )
+        from stages.engine.device import DEVICE_NAMES  # imports torch: only past the cheap checks
+
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(DEVICE_NAMES, self.device) is not None,
             "train.device",
-            "must be one of: auto, cpu, cuda, cuda:N",
+            f"must be one of: auto, cpu, cuda, cuda:N (N a GPU number), got {self.device!r}",
         )
         _check(bool(self.init), "train.init", "must be scratch, pretrained or a checkpoint path")
         _check(self.freeze_epochs >= 0, "train.freeze_epochs", "must be >= 0")
@@ -294,7 +313,7 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
@@ -309,7 +328,7 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ParamsError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _yaml(raw)
     return from_dict(data)
 
 

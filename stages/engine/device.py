@@ -7,6 +7,7 @@ with the reason printed, never silently.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -18,17 +19,29 @@ from stages.core.errors import PipelineError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"  # what train.device and every --device accept
+
+
 class DeviceError(PipelineError):
-    """A device named in params.yaml that this machine does not have."""
+    """A device name that is malformed or names a device this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """ "auto" -> the first GPU if there is one, else the CPU; any other name as given."""
+    if re.fullmatch(DEVICE_NAMES, name) is None:
+        raise DeviceError(
+            f"device {name!r}: must be one of auto, cpu, cuda, cuda:N (N a GPU number)"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"train.device is {name!r} but no CUDA GPU is visible; use auto or cpu")
+        raise DeviceError(f"device {name!r}: no CUDA GPU is visible; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s),"
+            f" cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
