@@ -9,6 +9,7 @@ fetch from the official address (or `download.mirror`), verifying checksums (sta
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from importlib import resources
@@ -18,10 +19,11 @@ from stages.core import paths
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_dir
 from stages.data.datasets import DATASETS
-from stages.data.fetch import copy_tree, extract, fetch
+from stages.data.fetch import OfflineError, copy_tree, extract, fetch, where_to_put
 from stages.params import DownloadParams, Params
 
 Fetcher = Callable[[Path, DownloadParams], None]
+
 
 def _digits(dest: Path, _: DownloadParams) -> None:
     # The very file sklearn.datasets.load_digits parses: 1,797 rows of 64 pixels (0-16) + label.
@@ -32,17 +34,21 @@ def _digits(dest: Path, _: DownloadParams) -> None:
 
 def _fetch_all(dataset: str, dest: Path, d: DownloadParams) -> list[Path]:
     """Verified copies of every file of `dataset` (in data_dir or downloaded into dest)."""
-    return [
-        fetch(
-            remote,
-            dest,
-            data_dir=Path(d.data_dir),
-            mirror=d.mirror,
-            retries=d.retries,
-            timeout=d.timeout,
-        )
-        for remote in DATASETS[dataset].files
-    ]
+    remotes, data_dir = DATASETS[dataset].files, Path(d.data_dir)
+    try:
+        return [
+            fetch(r, dest, data_dir=data_dir, mirror=d.mirror, retries=d.retries, timeout=d.timeout)
+            for r in remotes
+        ]
+    except OfflineError as err:
+        missing = [r for r in remotes if not (data_dir / r.name).is_file()]
+        if len(missing) < 2:
+            raise
+        # Offline, name every file still missing, not only the first one tried.
+        raise OfflineError(
+            f"no network, and {len(missing)} of the {len(remotes)} files of {dataset} are not in"
+            f" {data_dir}/: download them by hand and put them at {where_to_put(missing, data_dir)}"
+        ) from err
 
 
 def _archive(dataset: str) -> Fetcher:
@@ -71,14 +77,29 @@ def _folder(dest: Path, d: DownloadParams) -> None:
             f"{src}: not found; put your images in {src}/<class name>/*.jpg (or .png, .webp),"
             " one folder per class, or set download.folder"
         )
+    if not src.resolve().is_relative_to(Path(d.data_dir).resolve()):
+        raise PipelineError(
+            f"{src}: a link to {src.resolve()}, outside {d.data_dir}/; links out of the data"
+            f" folder are not followed: move or copy the images into {src}"
+        )
     classes = [c for c in src.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    for c in classes:
+        try:
+            c.name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system could not decode as UTF-8
+            shown = os.fsencode(c).decode("utf-8", "backslashreplace")  # printable
+            raise PipelineError(
+                f"{shown}: the class folder's name is not valid UTF-8 (class names go into"
+                " classes.json, CSV files and plots); rename it"
+            ) from None
     if len(classes) < 2:
         raise PipelineError(
             f"{src}: found {len(classes)} class folder(s); need at least 2, as"
             f" {src}/<class name>/<images>"
         )
-    count = copy_tree(src, dest / paths.FOLDER)
-    print(f"download: folder: copied {count} files in {len(classes)} classes from {src}")
+    count = copy_tree(src, dest / paths.FOLDER, inside=Path(d.data_dir))
+    copied = sum(1 for c in (dest / paths.FOLDER).iterdir() if c.is_dir())
+    print(f"download: folder: copied {count} files in {copied} class folders from {src}")
 
 
 def _shapes(dest: Path, _: DownloadParams) -> None:

@@ -42,6 +42,10 @@ class FetchError(PipelineError):
     """A download that could not be completed or verified; the message says what to do."""
 
 
+class OfflineError(FetchError):
+    """No address of a file could be reached at all: the network is down or closed."""
+
+
 class UnsafeArchiveError(PipelineError):
     """An archive member that would be written outside the extraction directory."""
 
@@ -131,7 +135,7 @@ def fetch(
         f" ({remote.algorithm} {remote.hexdigest}, {remote.size:,} bytes)"
     )
     if unreachable == len(urls):
-        raise FetchError(f"no network: could not reach {'; '.join(failures)}. {by_hand}")
+        raise OfflineError(f"no network: could not reach {'; '.join(failures)}. {by_hand}")
     raise FetchError(f"could not fetch {remote.name}: {'; '.join(failures)}. Or {by_hand}")
 
 
@@ -240,7 +244,46 @@ def extract(archive: Path, target: Path) -> None:
         raise FetchError(f"{archive}: not a valid archive ({err})") from None
 
 
-def copy_tree(src: Path, dst: Path) -> int:
-    """Copy a folder of user files (regular files only, links resolved); return the file count."""
-    shutil.copytree(src, dst, symlinks=False, dirs_exist_ok=True)
-    return sum(1 for p in dst.rglob("*") if p.is_file())
+def where_to_put(remotes: list[RemoteFile], data_dir: Path) -> str:
+    """Where to put each file for an offline run: name, official address, checksum."""
+    return "; ".join(
+        f"{data_dir / r.name} from {r.urls[0]} ({r.algorithm} {r.hexdigest})" for r in remotes
+    )
+
+
+def copy_tree(src: Path, dst: Path, inside: Path) -> int:
+    """Copy the regular files under `src` to `dst`; return how many.
+
+    A symbolic link is followed only while its target stays inside the folder `inside` (the
+    data folder): a link to anything else (your home, /etc) would copy that into out/raw, the
+    DVC cache and every `dvc push`, so it is skipped with one line saying so. Link loops and
+    things that are not files (sockets, broken links) are skipped the same way.
+    """
+    inside = inside.resolve()
+    seen: set[Path] = set()
+    count = 0
+
+    def skip(entry: Path, why: str) -> None:
+        print(f"download: skipped {entry}: {why}")
+
+    def visit(folder: Path, out: Path) -> None:
+        nonlocal count
+        seen.add(folder.resolve())
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(folder.iterdir()):
+            target = entry.resolve()
+            if entry.is_symlink() and not target.is_relative_to(inside):
+                skip(entry, f"a link to {target}, outside {inside}; links must stay in it")
+            elif entry.is_dir():
+                if target in seen:
+                    skip(entry, f"a link to {target}, a folder already copied (or a loop)")
+                else:
+                    visit(entry, out / entry.name)
+            elif entry.is_file():
+                shutil.copyfile(entry, out / entry.name)
+                count += 1
+            else:
+                skip(entry, "not a regular file (a broken link, socket or device)")
+
+    visit(src, dst)
+    return count
