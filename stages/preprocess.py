@@ -357,7 +357,9 @@ def preprocess(p: Params) -> Path:
         splits.train_labels = splits.train_labels[train_idx]
 
     mean = mean_image(splits.train_images)
-    with atomic_dir(paths.PROCESSED) as out:
+    arrays = (splits.train_images, splits.val_images, splits.test_images)
+    need = sum(a.nbytes for a in arrays if a is not None)  # the rest is small
+    with atomic_dir(paths.PROCESSED, need=need) as out:
         for split in ("train", "val"):
             np.save(out / f"{split}_images.npy", getattr(splits, f"{split}_images"))
             np.save(out / f"{split}_labels.npy", getattr(splits, f"{split}_labels"))
