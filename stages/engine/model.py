@@ -76,7 +76,13 @@ class Trained:
 def load_trained(path: Path, device: str | torch.device = "auto") -> Trained:
     """Load a checkpoint for inference on `device` ("auto": the GPU if there is one)."""
     state = checkpoint.load(path)
-    model = from_checkpoint(state)
+    try:
+        model = from_checkpoint(state)
+    except (ValueError, RuntimeError, TypeError) as err:  # unknown net, options or tensors
+        first = str(err).strip().splitlines()[0][:200]
+        raise checkpoint.CheckpointError(
+            f"{path}: its network cannot be rebuilt by this version of the project ({first})"
+        ) from None
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     speed, _ = resolve_speed(
         dev, state["precision"], state["memory_format"], compile=False,
