@@ -1,4 +1,4 @@
-"""Preprocess decode speed: stages.imaging.decode_files (parallel) vs a single-process loop over
+"""Preprocess decode speed: stages.data.images.decode_files (parallel) vs a single-process loop over
 torchvision.datasets.ImageFolder decoding the same JPEGs with PIL.
 
     python benchmarks/preprocess_decode.py [--images 6000] [--workers 0]

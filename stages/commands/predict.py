@@ -1,8 +1,10 @@
 """The `predict` command: top-k classes of arbitrary image files, from a checkpoint alone.
 
-Images are read like evaluation sees them (stages.imagefiles) and classified with the centre
-crop or the 10 crops. A file that is not an image is reported and skipped; the others are still
-classified, and the command then exits non-zero.
+Files are read exactly as preprocess reads a `folder` dataset (stages.data.images.read_image:
+EXIF rotation, transparency on white, the same resize to the stored size), so the model sees
+the pixels it would have been trained on; they are classified with the centre crop or the 10
+crops. A file that is not an image is reported and skipped; the others are still classified,
+and the command then exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from stages.core import paths
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_path
 from stages.data.augment import center_crop
-from stages.data.imagefiles import ImageFileError, read_image
+from stages.data.images import ImageFileError, read_image
 from stages.engine.model import load_trained
 from stages.explain.pictures import plot_predictions
 from stages.explain.saliency import saliency

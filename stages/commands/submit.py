@@ -19,7 +19,7 @@ from tqdm import tqdm
 from stages.core import paths
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_path
-from stages.data.imagefiles import read_image
+from stages.data.images import read_image
 from stages.engine.model import load_trained
 
 EXTENSIONS = {".jpeg", ".jpg", ".png"}

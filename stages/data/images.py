@@ -1,6 +1,11 @@
-"""Decode many image files into one packed uint8 array, in parallel over the available cores.
+"""Reading image files: `read_image`, the one reader of a single file, and `decode_files`, many
+files into one packed uint8 array, in parallel over the available cores.
 
-Used by preprocess (Tiny ImageNet's 120,000 JPEGs, your own image folders) and by
+`read_image` is how an image file of any size and mode becomes a stored-size array: preprocess
+uses it for your own image folders (`decode_files(..., fit=True)`), `predict` and `submit` for
+the files they classify, so the model sees the same pixels in training and afterwards.
+
+decode_files is used by preprocess (Tiny ImageNet's 120,000 JPEGs, your own image folders) and by
 benchmarks/preprocess_decode.py. Workers are processes (each decodes a chunk of files and sends
 back one (n, size, size, 3) block); the parent copies each block into the preallocated result,
 so the peak is the result plus a few chunks in flight.
@@ -8,8 +13,8 @@ so the peak is the result plus a few chunks in flight.
 Complete JPEGs that need no resizing (Tiny ImageNet) go through torchvision.io.decode_jpeg, a
 whole chunk per call: the same libjpeg-turbo as PIL, identical pixels (checked by the tests and
 the benchmark), about 3x faster per image here because it skips PIL's per-image Python work.
-Everything else (PNG, WebP, resizing, and any file the fast path rejects) goes through PIL,
-which also names the reason a file cannot be decoded.
+Everything else (PNG, WebP, resizing, and any file the fast path rejects) goes through PIL
+(`read_image` when fitting), which also names the reason a file cannot be decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.core.errors import PipelineError
 
 CHUNK = 256  # files per task: large enough to amortise IPC, small enough for a smooth bar
 
@@ -46,6 +53,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class ImageFileError(PipelineError):
+    """A file that is missing, a directory, or not an image PIL can read."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # picklable although __init__ takes two arguments
+        return type(self), (self.path, self.reason)
+
+
 def fit_square(img: Image.Image, size: int) -> Image.Image:
     """Resize so the short side is `size`, then crop the centre size x size."""
     w, h = img.size
@@ -57,24 +75,59 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def load_rgb(path: str | Path, size: int, fit: bool) -> np.ndarray:
-    """One file -> (size, size, 3) uint8. fit=False: the image must already be size x size."""
-    with open(path, "rb") as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as img:
-        if fit:
-            img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
-            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            # Transparent pixels go on white, not on whatever colour they happen to hold.
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        img = img.convert("RGB")  # also grey (L), palette (P), CMYK
-        if fit:
-            img = fit_square(img, size)
-        elif img.size != (size, size):
-            raise ValueError(f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
-        return np.asarray(img)  # (size, size, 3)
+def _rgb(img: Image.Image) -> Image.Image:
+    """Any mode (grey, palette, CMYK, with or without transparency) as RGB."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # Transparent pixels go on white, not on whatever colour they happen to hold.
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
+
+
+def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
+    """One file -> (size, size, 3) uint8, or ImageFileError naming the file and the reason."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageFileError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageFileError(path, "is a directory, not an image") from None
+    except OSError as err:
+        raise ImageFileError(path, f"cannot be read ({err.strerror or err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if fit:
+                img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
+                img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+            img = _rgb(img)
+            if fit:
+                img = fit_square(img, size)
+            elif img.size != (size, size):
+                raise ImageFileError(
+                    path, f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}"
+                )
+            return np.array(img, dtype=np.uint8)  # (size, size, 3), writable
+    except ImageFileError:
+        raise
+    except UnidentifiedImageError:  # its message names a BytesIO, not the file
+        raise ImageFileError(path, "not an image file PIL can read") from None
+    except Exception as err:  # any decoder failure (truncated, corrupt...) is the file's fault
+        raise ImageFileError(path, f"{type(err).__name__}: {err}") from None
+
+
+def read_image(path: str | Path, size: int) -> np.ndarray:
+    """The image file at `path` as (size, size, 3) uint8, exactly as preprocess stores it.
+
+    The one reader of image files of any size and mode: preprocess (`folder` datasets, through
+    decode_files with fit=True), `predict` and `submit` all go through it, so a file reaches the
+    model with the same pixels in training and afterwards. JPEGs are decoded at a reduced scale
+    when that still covers `size` (libjpeg's draft mode), the EXIF orientation is applied,
+    transparency is composited on white, grey/palette/CMYK become RGB, then the short side is
+    resized to `size` (bicubic) and the centre square cropped. A missing file, a directory or a
+    file PIL cannot decode raises ImageFileError with a one-line message naming the path.
+    """
+    return _decode(path, size, fit=True)
 
 
 def _fast_jpegs(files: Sequence[str], size: int) -> np.ndarray | None:
@@ -114,11 +167,10 @@ def _decode_chunk(
     block = np.zeros((len(files), size, size, 3), dtype=np.uint8)  # (n, size, size, 3)
     for i, path in enumerate(files):
         try:
-            block[i] = load_rgb(path, size, fit)
-        except UnidentifiedImageError:  # its message names a BytesIO, not the file
-            bad.append((start + i, "not an image file PIL can read"))
-        except Exception as err:  # any decoder failure is reported by path, never dropped
-            bad.append((start + i, f"{type(err).__name__}: {err}"))
+            # fit: the very reader `predict` uses. Otherwise the file must already be the size.
+            block[i] = read_image(path, size) if fit else _decode(path, size, fit=False)
+        except ImageFileError as err:  # reported by path, never dropped
+            bad.append((start + i, err.reason))
     return start, block, bad
 
 
