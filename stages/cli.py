@@ -15,8 +15,8 @@ from typing import Any
 
 import typer
 
-from stages.core.errors import PipelineError
-from stages.params import Params, ParamsError, load
+from stages.core.errors import ParamsError, PipelineError
+from stages.params import Params, load
 
 app = typer.Typer(
     help="Train convolutional networks from scratch: download -> preprocess -> train -> evaluate."
@@ -33,13 +33,15 @@ SET = typer.Option(
 
 
 def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
+    from stages.engine.model import check_model_params  # imports the model registry
+
     try:
         p = load(params, overrides)
+        check_model_params(p)  # every command checks the model choice before any work
+        stage(p)
     except ParamsError as err:
         typer.echo(f"error: {params}: {err}", err=True)
         raise typer.Exit(2) from None
-    try:
-        stage(p)
     except PipelineError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from stages.core.errors import ParamsError
 from stages.data.datasets import DATASETS
 
-
-class ParamsError(ValueError):
-    """A bad value in params.yaml or in a command-line override."""
+# What train.device and every --device accept.
+DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"
 
 
 class _Loader(yaml.SafeLoader):
@@ -173,8 +173,6 @@ class TrainParams:
             "train.label_smoothing",
             "applies to loss cross_entropy only",
         )
-        from stages.engine.device import DEVICE_NAMES  # imports torch: only past the cheap checks
-
         _check(
             re.fullmatch(DEVICE_NAMES, self.device) is not None,
             "train.device",
@@ -243,32 +241,11 @@ class Params:
     nets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import nets as net_registry  # imports torch: only here, once the cheap checks passed
-
+        # `model`, `nets.*` and `train.init: pretrained` are checked against the model registry
+        # by stages.engine.model.check_model_params (the CLI calls it right after loading):
+        # keeping the registry out of this module keeps it out of the stages that never build
+        # a model, so editing a net reruns only the stages that use it.
         _check(self.dataset in DATASETS, "dataset", f"must be one of: {', '.join(DATASETS)}")
-        valid = net_registry.names()
-        _check(self.model in valid, "model", f"must be one of: {', '.join(valid)}")
-        for name, opts in self.nets.items():
-            _check(name in valid, f"nets.{name}", f"is not a model; models: {', '.join(valid)}")
-            _check(isinstance(opts, dict), f"nets.{name}", "must be a mapping of options")
-            allowed = net_registry.options(name)
-            for key in opts:
-                _check(
-                    key in allowed,
-                    f"nets.{name}.{key}",
-                    f"is not an option of {name}; options: {', '.join(allowed) or 'none'}",
-                )
-        if self.train.init == "pretrained":
-            from stages.engine.pretrained import (
-                PRETRAINED,  # torchvision enums: only when asked for
-            )
-
-            _check(
-                self.model in PRETRAINED,
-                "train.init",
-                f"no pretrained weights for {self.model}; models with them: "
-                f"{', '.join(PRETRAINED)}",
-            )
         size = DATASETS[self.dataset].image_size or self.preprocess.image_size
         if self.dataset == "shapes":
             # Circles need room: half the image area at most, or placing them fails.

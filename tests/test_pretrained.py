@@ -10,6 +10,7 @@ from torchvision import models as tvm
 import nets
 from stages import params
 from stages.engine import pretrained
+from stages.engine.model import check_model_params
 
 
 @pytest.fixture
@@ -94,6 +95,6 @@ def test_transfer_params_are_validated():
     with pytest.raises(params.ParamsError, match="train.freeze_epochs: needs train.init"):
         params.load("params.yaml", ["train.freeze_epochs=2"])
     with pytest.raises(params.ParamsError, match="train.init: no pretrained weights for mlp"):
-        params.load("params.yaml", ["train.init=pretrained", "model=mlp"])
+        check_model_params(params.load("params.yaml", ["train.init=pretrained", "model=mlp"]))
     with pytest.raises(params.ParamsError, match="train.freeze_epochs: must be >= 0"):
         params.load("params.yaml", ["train.init=pretrained", "train.freeze_epochs=-1"])

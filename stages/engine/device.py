@@ -7,7 +7,6 @@ with the reason printed, never silently.
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from dataclasses import dataclass
 
@@ -19,22 +18,26 @@ from stages.core.errors import PipelineError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"  # what train.device and every --device accept
-
-
 class DeviceError(PipelineError):
     """A device name that is malformed or names a device this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """ "auto" -> the first GPU if there is one, else the CPU; any other name as given."""
-    if re.fullmatch(DEVICE_NAMES, name) is None:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # "gpu", "cuda:7x": torch's own parser refuses it
+        device = None
+    if (
+        device is None
+        or device.type not in ("cpu", "cuda")
+        or (":" in name) != (device.index is not None)
+    ):
         raise DeviceError(
             f"device {name!r}: must be one of auto, cpu, cuda, cuda:N (N a GPU number)"
         )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r}: no CUDA GPU is visible; use auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -17,16 +17,44 @@ from torch import nn
 
 import nets
 from stages.core import checkpoint
+from stages.core.errors import ParamsError
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.inference import predict_proba
+from stages.engine.pretrained import PRETRAINED
 
 if TYPE_CHECKING:
     from stages.data.processed import Processed
     from stages.params import Params
 
 
+def check_model_params(p: Params) -> None:
+    """`model`, `nets.*` and `train.init` against the registry; ParamsError names the key."""
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ParamsError(f"{key}: {message}")
+
+    valid = nets.names()
+    check(p.model in valid, "model", f"must be one of: {', '.join(valid)}")
+    for name, opts in p.nets.items():
+        check(name in valid, f"nets.{name}", f"is not a model; models: {', '.join(valid)}")
+        check(isinstance(opts, dict), f"nets.{name}", "must be a mapping of options")
+        allowed = nets.options(name)
+        for key in opts:
+            options = ", ".join(allowed) or "none"
+            check(
+                key in allowed,
+                f"nets.{name}.{key}",
+                f"is not an option of {name}; options: {options}",
+            )
+    if p.train.init == "pretrained":
+        check(p.model in PRETRAINED, "train.init", f"no pretrained weights for {p.model};"
+              f" models with them: {', '.join(PRETRAINED)}")  # fmt: skip
+
+
 def build_model(p: Params, data: Processed) -> nn.Module:
     """params.yaml's model for the processed data: its classes, crop size and normalisation."""
+    check_model_params(p)
     return nets.build(
         p.model, len(data.classes), p.train.crop_size,
         mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
