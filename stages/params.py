@@ -289,6 +289,8 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root")
+    if not path.is_file():
+        raise ParamsError(f"{path}: not a file; --params takes a YAML file like params.yaml")
     try:
         data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:

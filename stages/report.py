@@ -30,7 +30,7 @@ from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no
 from stages.core import checkpoint, paths, tracking
 from stages.core.files import atomic_dir
 from stages.data.augment import augment, augment_options, center_crop
-from stages.data.processed import Processed, load_processed
+from stages.data.processed import DataError, Processed, load_processed
 from stages.engine.model import Trained, load_trained
 from stages.explain.filters import conv_layers, excite, first_layer_filters
 from stages.explain.pictures import normalise_each, plot_predictions, save_grid, tile_grid
@@ -193,7 +193,7 @@ def confused_pairs(predictions_csv: Path, top: int) -> list[tuple[str, str, int,
 
 
 def confusion(ctx: Context) -> None:
-    pairs = confused_pairs(paths.EVALUATE / "predictions.csv", ctx.p.report.top_pairs)
+    pairs = confused_pairs(paths.PREDICTIONS, ctx.p.report.top_pairs)
     with open(ctx.out / "confused_pairs.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted", "count", "share_of_actual"])
@@ -222,17 +222,20 @@ def _message(out: Path, text: str) -> None:
 
 
 def _log_checkpoint(state: dict) -> None:
-    """A weights-only copy of the checkpoint in the run, so `convnet ensemble RUN_ID` works.
+    """A copy of the checkpoint for inference in the run, so `convnet ensemble RUN_ID` works.
 
     The logged MLflow model is an export traced for batch size 1; the checkpoint rebuilds the
-    real module. Optimizer and RNG states are left out: this copy is for inference only.
+    real module. It holds the inference keys only (checkpoint.INFERENCE_KEYS, what model.pt
+    holds), never a run's resume state.
     """
-    slim = {k: v for k, v in state.items() if k not in ("format", "optimizer", "scheduler", "rng")}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        checkpoint.save(path, slim)
+        checkpoint.save(path, checkpoint.inference_only(state))
         mlflow.log_artifact(str(path), artifact_path="checkpoint")
 
+
+# The pictures that read an earlier stage's file besides the model and the data.
+INPUTS = {"curves": (paths.HISTORY, "train"), "confusion": (paths.PREDICTIONS, "evaluate")}
 
 PICTURES: dict[str, Callable[[Context], None]] = {
     "predictions": predictions,
@@ -246,6 +249,11 @@ PICTURES: dict[str, Callable[[Context], None]] = {
 
 def report(p: Params) -> list[str]:
     """Draw the pictures `p.report.pictures` names; returns the files written."""
+    for name, (path, stage) in INPUTS.items():
+        if name in p.report.pictures and not path.is_file():
+            raise DataError(
+                f"{path}: not found (the {name} picture reads it); run `dvc repro {stage}`"
+            )
     trained = load_trained(paths.CHECKPOINT, p.train.device)
     state = trained.state
     data = load_processed(p.preprocess_inputs())

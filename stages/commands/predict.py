@@ -17,7 +17,7 @@ import torch
 
 from stages.core import paths
 from stages.core.errors import PipelineError
-from stages.core.files import atomic_path
+from stages.core.files import atomic_path, output_file
 from stages.data.augment import center_crop
 from stages.data.images import ImageFileError, read_image
 from stages.engine.model import load_trained
@@ -48,6 +48,8 @@ def predict(
         raise PipelineError(f"--crops must be 1 or 10, got {crops}")
     if top < 1:
         raise PipelineError(f"--top must be a positive integer, got {top}")
+    if saliency_out is not None:
+        saliency_out = output_file(saliency_out, "--saliency")
     trained = load_trained(checkpoint_path, device)
     classes, size, stored = trained.classes, trained.crop_size, trained.stored_size
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from stages.core import paths
 from stages.core.errors import PipelineError
-from stages.core.files import atomic_path
+from stages.core.files import atomic_path, output_file
 from stages.data.images import read_image
 from stages.engine.model import load_trained
 
@@ -48,6 +48,7 @@ def submit(
     """Classify every image in the folder `images`; write the submission file; return its lines."""
     if crops not in (1, 10):
         raise PipelineError(f"--crops must be 1 or 10, got {crops}")
+    out = output_file(out, "--out")
     images = Path(images)
     if not images.is_dir():
         raise PipelineError(f"{images}: no such folder of test images")

@@ -33,6 +33,14 @@ def check_space(path: Path, need: int) -> None:
         )
 
 
+def output_file(path: Path | str, option: str) -> Path:
+    """`path` as a file a command may write (given by the user as `option`), or one line why not."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{option} {path}: is a directory; give a file name, e.g. {path}/out")
+    return path
+
+
 @contextlib.contextmanager
 def _disk_full_is_one_line(path: Path, need: int | None) -> Iterator[None]:
     try:

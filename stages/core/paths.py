@@ -11,6 +11,7 @@ FOLDER = "folder"  # dataset=folder: RAW/folder/<class>/* is the snapshot of you
 PROCESSED = OUT / "processed"  # preprocess: packed uint8 arrays, labels, classes, mean image
 TRAIN = OUT / "train"  # train: checkpoint, per-epoch history, MLflow run id
 EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-class accuracy
+PREDICTIONS = EVALUATE / "predictions.csv"  # evaluate: (actual, predicted) per image
 
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"

@@ -1,0 +1,452 @@
+"""The catalogue of bad input: every command, run as a user runs it (a subprocess), given
+something wrong. Each case must end with the documented exit code and one `error:` line on
+stderr that names what is wrong, no traceback, nothing new or changed under out/ that a later
+stage or DVC would take for a result, and no MLflow run left RUNNING.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fabricate
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from stages.core import checkpoint
+from tests.fakes import closed_port_url
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml, shrunk to the fabricated data and a CPU."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["train"] |= {"crop_size": fabricate.CROP, "epochs": 1, "device": "cpu", "batch_size": 8}
+    p["nets"]["alexnet"] = p["nets"].get("alexnet", {}) | {"fc_width": 16}
+    p["report"] |= {"ascent_steps": 2, "max_channels": 4, "num_images": 4, "augment_images": 4}
+    p["evaluate"]["batch_size"] = 32
+    return p
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A finished run in miniature: processed data, model.pt, history, predictions, an image."""
+    root = tmp_path_factory.mktemp("template")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    fabricate.processed(root)
+    fabricate.save_checkpoint(root / "out/train/model.pt", fabricate.model())
+    fabricate.history_and_predictions(root)
+    (root / "images").mkdir()
+    Image.fromarray(fabricate.images(1, 5)[0][0]).save(root / "images/good.png")
+    return root
+
+
+# --- things a user might hand us instead of what a command expects ---------------------------
+
+
+def write(path: str, data: bytes | str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    return setup
+
+
+def text_file(path: str) -> Callable[[Path], None]:
+    return write(path, "this is not a checkpoint\n")
+
+
+def random_bytes(path: str) -> Callable[[Path], None]:
+    return write(path, np.random.default_rng(0).bytes(4096))
+
+
+def tagged_dict_missing_keys(path: str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        torch.save({"format": checkpoint.FORMAT, "net": "alexnet"}, root / path)
+
+    return setup
+
+
+def unknown_net(path: str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        state = torch.load(root / "out/train/model.pt", weights_only=True)
+        torch.save(state | {"net": "resnet9"}, root / path)
+
+    return setup
+
+
+class RunsCode:
+    """A pickle that runs a shell command when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def code_pickle(path: str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        torch.save({"format": checkpoint.FORMAT, "payload": RunsCode()}, root / path)
+
+    return setup
+
+
+def mkdir(path: str) -> Callable[[Path], None]:
+    return lambda root: (root / path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: str) -> Callable[[Path], None]:
+    return lambda root: shutil.rmtree(root / path)
+
+
+def other_dataset(root: Path) -> None:
+    info_path = root / "out/processed/info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps(info | {"dataset": "shapes"}))
+
+
+def other_classes(root: Path) -> None:
+    (root / "out/processed/classes.json").write_text(json.dumps(["a", "b", "c", "d"]))
+
+
+def bomb_png(path: str) -> Callable[[Path], None]:
+    """A PNG whose header claims 20,000 x 20,000 pixels: PIL refuses it as a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    return write(path, data + chunk(b"IEND", b""))
+
+
+def folder_of_images(classes: list[bytes | str], extra: Callable[[Path], None] | None = None):
+    """data/images/<class>/*.png (names as bytes allow names that are not UTF-8)."""
+
+    def setup(root: Path) -> None:
+        for name in classes:
+            folder = os.path.join(os.fsencode(root / "data/images"), os.fsencode(name))
+            os.makedirs(folder, exist_ok=True)
+            for i in range(3):
+                image = Image.new("RGB", (20, 20), (60 * i, 0, 0))
+                image.save(os.fsdecode(os.path.join(folder, f"{i}.png".encode())))
+        if extra:
+            extra(root)
+
+    return setup
+
+
+def raw_folder_with(extra: Callable[[Path], None]) -> Callable[[Path], None]:
+    """out/raw/folder/{a,b}/ with three good images each, then `extra`."""
+
+    def setup(root: Path) -> None:
+        for name in ("a", "b"):
+            folder = root / "out/raw/folder" / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(folder / f"{i}.png")
+        extra(root)
+
+    return setup
+
+
+def raw_mnist(break_magic: bool) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        raw = root / "out/raw"
+        raw.mkdir(parents=True)
+        for prefix, n in (("train", 4), ("t10k", 2)):
+            magic = 0x00000803 + (1 if break_magic else 0)
+            images = struct.pack(">IIII", magic, n, 28, 28) + bytes(n * 28 * 28)
+            labels = struct.pack(">II", 0x00000801, n) + bytes(n)
+            (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+            (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+
+    return setup
+
+
+def raw_cifar_truncated(root: Path) -> None:
+    folder = root / "out/raw/cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    (folder / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(10)))
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (folder / name).write_bytes(bytes(3073 * 2 + 100))
+
+
+def params_text(text: str) -> Callable[[Path], None]:
+    return write("bad.yaml", text)
+
+
+# --- the catalogue -----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    error: str  # a substring the single `error:` line must contain
+    code: int = 1
+    setup: Callable[[Path], None] | None = None
+
+
+CASES = [
+    # params.yaml and -S overrides: exit 2, before any work
+    Case("unknown-key", ["train", "-S", "train.lrr=0.1"], "train.lrr: unknown key", 2),
+    Case("wrong-type", ["train", "-S", "train.epochs=many"], "train.epochs: must be an integer", 2),
+    Case("out-of-range", ["train", "-S", "train.lr=-1"], "train.lr: must be positive", 2),
+    Case("unknown-model", ["train", "-S", "model=resnet9"], "model: must be one of", 2),
+    Case("unknown-dataset", ["download", "-S", "dataset=imagenet"], "dataset: must be one of", 2),
+    Case("net-option", ["train", "-S", "nets.alexnet.width=3"], "nets.alexnet.width: is not", 2),
+    Case("malformed-device", ["train", "-S", "train.device=cuda:7x"], "train.device: must be", 2),
+    Case("override-no-value", ["train", "-S", "train.epochs"], "expected KEY=VALUE", 2),
+    Case("crop-too-big", ["train", "-S", "train.crop_size=64"], "train.crop_size: is 64", 2),
+    Case("picture", ["report", "-S", "report.pictures=[selfie]"], "'selfie' is not a picture", 2),
+    Case("params-missing", ["train", "--params", "nope.yaml"], "nope.yaml: not found", 2),
+    Case("params-dir", ["train", "--params", "images"], "images: not a file", 2),
+    Case(
+        "params-yaml",
+        ["train", "--params", "bad.yaml"],
+        "not valid YAML",
+        2,
+        params_text("train: [unclosed\n"),
+    ),  # fmt: skip
+    Case(
+        "params-list",
+        ["train", "--params", "bad.yaml"],
+        "must be a mapping",
+        2,
+        params_text("- 1\n- 2\n"),
+    ),  # fmt: skip
+    # download
+    Case(
+        "mnist-offline",
+        [
+            "download",
+            "-S",
+            "dataset=mnist",
+            "-S",
+            f"download.mirror={closed_port_url()}",
+            "-S",
+            "download.retries=1",
+        ],
+        "4 of the 4 files of mnist are not in data/",
+    ),  # fmt: skip
+    Case("folder-missing", ["download", "-S", "dataset=folder"], "data/images: not found"),
+    Case(
+        "folder-one-class",
+        ["download", "-S", "dataset=folder"],
+        "found 1 class folder",
+        setup=folder_of_images(["cats"]),
+    ),  # fmt: skip
+    Case(
+        "folder-not-utf8",
+        ["download", "-S", "dataset=folder"],
+        "caf\\xe9: the class folder",
+        setup=folder_of_images([b"caf\xe9", "dogs"]),
+    ),  # fmt: skip
+    Case(
+        "archive-checksum",
+        ["download", "-S", "dataset=cifar10"],
+        "expected c32a1d4a",
+        setup=write("data/cifar-10-binary.tar.gz", b"not the archive"),
+    ),  # fmt: skip
+    # preprocess
+    Case("raw-missing", ["preprocess", "-S", "dataset=mnist"], "missing; out/raw is not"),
+    Case(
+        "mnist-magic",
+        ["preprocess", "-S", "dataset=mnist"],
+        "idx magic number",
+        setup=raw_mnist(break_magic=True),
+    ),  # fmt: skip
+    Case(
+        "cifar-truncated",
+        ["preprocess", "-S", "dataset=cifar10"],
+        "3073-byte records",
+        setup=raw_cifar_truncated,
+    ),  # fmt: skip
+    Case(
+        "folder-bad-image",
+        ["preprocess", "-S", "dataset=folder"],
+        "could not be decoded: out/raw/folder/a/x.png",
+        setup=raw_folder_with(write("out/raw/folder/a/x.png", b"broken")),
+    ),  # fmt: skip
+    # train
+    Case("no-processed", ["train"], "no preprocessed data", setup=remove("out/processed")),
+    Case("other-dataset", ["train"], "dataset='shapes' (params: 'digits')", setup=other_dataset),
+    Case("init-missing", ["train", "-S", "train.init=none.pt"], "none.pt: no checkpoint"),
+    Case("init-text", ["train", "-S", "train.init=x.pt"], "x.pt: not a", setup=text_file("x.pt")),
+    Case(
+        "init-random", ["train", "-S", "train.init=x.pt"], "x.pt: not a", setup=random_bytes("x.pt")
+    ),  # fmt: skip
+    Case(
+        "init-missing-keys",
+        ["train", "-S", "train.init=x.pt"],
+        "x.pt: ",
+        setup=tagged_dict_missing_keys("x.pt"),
+    ),  # fmt: skip
+    Case(
+        "init-code",
+        ["train", "-S", "train.init=x.pt"],
+        "asks to run code",
+        setup=code_pickle("x.pt"),
+    ),  # fmt: skip
+    Case("init-dir", ["train", "-S", "train.init=images"], "images: "),
+    Case("no-gpu", ["train", "-S", "train.device=cuda"], "no CUDA GPU is visible"),
+    Case("last-corrupt", ["train"], "out/train/last.pt: ", setup=text_file("out/train/last.pt")),
+    # evaluate
+    Case(
+        "eval-no-model",
+        ["evaluate"],
+        "no checkpoint; run `dvc repro train`",
+        setup=remove("out/train"),
+    ),  # fmt: skip
+    Case("eval-text", ["evaluate"], "model.pt: not a", setup=text_file("out/train/model.pt")),
+    Case(
+        "eval-random", ["evaluate"], "model.pt: not a", setup=random_bytes("out/train/model.pt")
+    ),  # fmt: skip
+    Case(
+        "eval-missing-keys",
+        ["evaluate"],
+        "model.pt: ",
+        setup=tagged_dict_missing_keys("out/train/model.pt"),
+    ),  # fmt: skip
+    Case(
+        "eval-unknown-net",
+        ["evaluate"],
+        "cannot be rebuilt",
+        setup=unknown_net("out/train/model.pt"),
+    ),  # fmt: skip
+    Case("eval-code", ["evaluate"], "asks to run code", setup=code_pickle("out/train/model.pt")),
+    Case("eval-other-classes", ["evaluate"], "trained on 4 other classes", setup=other_classes),
+    # report
+    Case(
+        "report-no-history",
+        ["report"],
+        "out/train/history.csv",
+        setup=lambda root: (root / "out/train/history.csv").unlink(),
+    ),  # fmt: skip
+    Case(
+        "report-no-predictions",
+        ["report"],
+        "out/evaluate/predictions.csv",
+        setup=remove("out/evaluate"),
+    ),  # fmt: skip
+    Case("report-other-dataset", ["report"], "dataset='shapes'", setup=other_dataset),
+    # predict
+    Case(
+        "predict-missing",
+        ["predict", "images/good.png", "images/none.png"],
+        "1 of 2 files could not be read",
+    ),  # fmt: skip
+    Case(
+        "predict-bomb",
+        ["predict", "images/good.png", "images/bomb.png"],
+        "1 of 2 files could not be read",
+        setup=bomb_png("images/bomb.png"),
+    ),  # fmt: skip
+    Case("predict-dir", ["predict", "images"], "1 of 1 files could not be read"),
+    Case("predict-crops", ["predict", "images/good.png", "--crops", "3"], "--crops must be 1"),
+    Case("predict-top", ["predict", "images/good.png", "--top", "0"], "--top must be a positive"),
+    Case("predict-device", ["predict", "images/good.png", "--device", "gpu"], "device 'gpu'"),
+    Case(
+        "predict-text-ckpt",
+        ["predict", "images/good.png", "--checkpoint", "x.pt"],
+        "x.pt: not",
+        setup=text_file("x.pt"),
+    ),  # fmt: skip
+    Case(
+        "predict-saliency-dir",
+        ["predict", "images/good.png", "--saliency", "images"],
+        "--saliency images: is a directory",
+    ),  # fmt: skip
+    # lr-find
+    Case("lrfind-start", ["lr-find", "--start", "0"], "need 0 < --start < --end"),
+    Case("lrfind-steps", ["lr-find", "--steps", "1"], "--steps must be at least 2"),
+    Case("lrfind-no-data", ["lr-find"], "no preprocessed data", setup=remove("out/processed")),
+    # ensemble
+    Case("ensemble-unknown", ["ensemble", "0123456789abcdef"], "neither a checkpoint file"),
+    Case("ensemble-text", ["ensemble", "x.pt"], "x.pt: not a", setup=text_file("x.pt")),
+    Case("ensemble-crops", ["ensemble", "out/train/model.pt", "--crops", "2"], "--crops must be"),
+    Case(
+        "ensemble-classes",
+        ["ensemble", "out/train/model.pt"],
+        "trained on 4 other classes",
+        setup=other_classes,
+    ),  # fmt: skip
+    # submit
+    Case("submit-no-folder", ["submit", "--images", "nope"], "no such folder of test images"),
+    Case(
+        "submit-empty",
+        ["submit", "--images", "empty"],
+        "no .JPEG/.jpg/.png images",
+        setup=mkdir("empty"),
+    ),  # fmt: skip
+    Case(
+        "submit-bad-image",
+        ["submit", "--images", "test"],
+        "test/a.png: ",
+        setup=write("test/a.png", b"broken"),
+    ),  # fmt: skip
+    Case(
+        "submit-out-dir",
+        ["submit", "--images", "images", "--out", "images"],
+        "--out images: is a directory",
+    ),  # fmt: skip
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under out/ (and the MLflow artifacts) with a digest of its bytes."""
+    files = [f for d in ("out", "mlartifacts") for f in (root / d).rglob("*") if f.is_file()]
+    return {str(f.relative_to(root)): hashlib.sha1(f.read_bytes()).hexdigest() for f in files}
+
+
+def running_runs(root: Path) -> int:
+    db = root / "mlflow.db"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        return con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, template: Path, tmp_path: Path):
+    root = tmp_path / "ws"
+    shutil.copytree(template, root)
+    if case.setup:
+        case.setup(root)
+    before = snapshot(root)
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", *case.args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == case.code, shown
+    assert "Traceback" not in result.stdout + result.stderr, shown
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, shown
+    assert case.error in errors[0], shown
+    assert snapshot(root) == before, "files under out/ were created or changed"
+    assert running_runs(root) == 0
+    assert not (root / "PWNED").exists()  # a checkpoint never runs code
