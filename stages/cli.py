@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from stages.core.errors import ParamsError, PipelineError
+from stages.core.errors import Interrupted, ParamsError, PipelineError
 from stages.params import Params, load
 
 app = typer.Typer(
@@ -32,19 +32,34 @@ SET = typer.Option(
 )
 
 
-def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
-    from stages.engine.model import check_model_params  # imports the model registry
-
+def _guard(action: Callable[[], Any]) -> None:
+    """Run a command: user errors become one line on stderr and the documented exit code."""
     try:
-        p = load(params, overrides)
-        check_model_params(p)  # every command checks the model choice before any work
-        stage(p)
+        action()
     except ParamsError as err:
-        typer.echo(f"error: {params}: {err}", err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     except PipelineError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(128 + err.signum) from None
+
+
+def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
+    """Load and check params.yaml (+ overrides), then run `stage` under `_guard`."""
+    from stages.engine.model import check_model_params  # imports the model registry
+
+    def action() -> None:
+        try:
+            p = load(params, overrides)
+            check_model_params(p)  # every command checks the model choice before any work
+            stage(p)
+        except ParamsError as err:
+            raise ParamsError(f"{params}: {err}") from None
+
+    _guard(action)
 
 
 @app.command()
@@ -85,15 +100,6 @@ def report(params: Path = PARAMS, set_: list[str] = SET) -> None:
     from stages.report import report as stage
 
     _run(stage, params, set_)
-
-
-def _guard(action: Callable[[], Any]) -> None:
-    """Run a command that takes no params.yaml: user errors -> one line, exit 1."""
-    try:
-        action()
-    except PipelineError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -168,14 +174,15 @@ def models() -> None:
         typer.echo(f"{name:10s} {opts}")
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    # SIGTERM (`dvc queue kill`, a job scheduler) unwinds like an exception, so the MLflow run
-    # is marked FAILED and temporary files are removed instead of being left behind.
-    raise SystemExit(128 + signum)
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C and SIGTERM (`dvc queue kill`) unwind like an exception, so the MLflow run is
+    # marked FAILED and temporary files are removed instead of being left behind.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     app(prog_name="convnet")
 
 
