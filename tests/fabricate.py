@@ -57,23 +57,14 @@ def model(seed: int = 0) -> torch.nn.Module:
 
 
 def save_checkpoint(path: Path, net: torch.nn.Module, run_id: str = "") -> None:
-    checkpoint.save(
-        path,
-        {
-            "net": "alexnet",
-            "net_options": {"fc_width": 16},
-            "num_classes": len(CLASSES),
-            "image_size": CROP,
-            "stored_size": SIZE,
-            "precision": "fp32",
-            "memory_format": "channels_last",
-            "classes": CLASSES,
-            "params": p().to_dict(),
-            "epoch": 1,
-            "model": net.state_dict(),
-            "mlflow_run_id": run_id,
-        },
-    )
+    """A model.pt as training writes it: exactly the inference keys."""
+    model = checkpoint.Inference(
+        net="alexnet", net_options={"fc_width": 16}, num_classes=len(CLASSES), image_size=CROP,
+        stored_size=SIZE, classes=CLASSES, precision="fp32", memory_format="channels_last",
+        model=net.state_dict(), params=p().to_dict(), metrics={"epoch": 1, "val_top1": 0.5},
+        epoch=1, mlflow_run_id=run_id, data={"dataset": "digits", "wnids": WNIDS},
+    )  # fmt: skip
+    checkpoint.save(path, model.to_dict())
 
 
 def history_and_predictions(root: Path) -> None:

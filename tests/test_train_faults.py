@@ -66,9 +66,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = checkpoint.load(last)["epoch"]
+    partial = checkpoint.load(last)
+    done = partial["epoch"]
     assert done < 3, "the run finished before it could be killed"
     assert not (killed / "out/train/model.pt").exists()
+    # history.csv (a DVC output) is written with model.pt; the killed run's rows are in last.pt.
+    assert not (killed / "out/train/history.csv").exists()
+    assert [row["epoch"] for row in partial["history"]] == list(range(1, done + 1))
 
     again = subprocess.run(cmd, cwd=killed, env=env(killed), capture_output=True, text=True,
                            timeout=300)  # fmt: skip

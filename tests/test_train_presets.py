@@ -35,7 +35,8 @@ def test_recipe_validates(name):
 def test_recipe_trains_two_steps(name, tmp_path, monkeypatch):
     p = params.load(REPO / "params.yaml", overrides(name) + TINY)
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
-    make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 2 * 4, k=4)
+    size = p.train.crop_size + 2 * 4
+    make_processed(tmp_path, n_train=8, n_val=4, size=size, k=4, dataset=p.dataset)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(train_module, "_log_model", lambda model, size: None)  # slow, not needed

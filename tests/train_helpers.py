@@ -9,8 +9,13 @@ import numpy as np
 import yaml
 
 
-def make_processed(root: Path, n_train: int = 96, n_val: int = 40, size: int = 16, k: int = 4):
-    """Write root/out/processed/ like preprocess does: class k = a bright k-th quadrant + noise."""
+def make_processed(
+    root: Path, n_train: int = 96, n_val: int = 40, size: int = 16, k: int = 4,
+    dataset: str = "digits",
+):  # fmt: skip
+    """Write root/out/processed/ like preprocess does: class k = a bright k-th quadrant + noise.
+
+    `dataset` is the name info.json records (training refuses data of another dataset)."""
     rng = np.random.default_rng(0)
     out = root / "out" / "processed"
     out.mkdir(parents=True)
@@ -32,7 +37,7 @@ def make_processed(root: Path, n_train: int = 96, n_val: int = 40, size: int = 1
     np.save(out / "mean.npy", train_x.mean(0).astype(np.float32))
     (out / "mean.png").write_bytes(b"")
     (out / "classes.json").write_text(json.dumps([f"c{i}" for i in range(k)]))
-    info = {"dataset": "digits", "image_size": size, "num_classes": k,
+    info = {"dataset": dataset, "image_size": size, "num_classes": k,
             "train_count": n_train, "val_count": n_val, "std": [60.0, 60.0, 60.0]}  # fmt: skip
     (out / "info.json").write_text(json.dumps(info))
     return out

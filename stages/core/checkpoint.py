@@ -2,11 +2,18 @@
 
 One loader serves evaluate, report, predict and resume. Files load with
 `torch.load(weights_only=True)`, so a checkpoint can never run code when it is opened.
+
+What the files hold is defined here once:
+  model.pt            `Inference`: exactly INFERENCE_KEYS, what running the model needs
+  last.pt, best.pt    INFERENCE_KEYS + RESUME_KEYS (stages.engine.state.RunState.state_dict()),
+                      so a run resumes from them and predict/evaluate can use them as they are
+The copy of model.pt that report logs to the MLflow run is `inference_only(state)`.
 """
 
 from __future__ import annotations
 
-import pickle
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +29,81 @@ class CheckpointError(PipelineError):
     """A checkpoint file that is missing, unreadable or not one of this project's."""
 
 
+@dataclass(frozen=True)
+class Inference:
+    """What a trained model's checkpoint holds for inference (all of model.pt).
+
+    stages.engine.model.load_trained rebuilds and runs the network from the first nine; evaluate
+    and report log to `mlflow_run_id`; the rest says what the weights came from.
+    """
+
+    net: str  # the nets registry's name (params.yaml's `model`)
+    net_options: dict[str, Any]  # nets.<model> options the network was built with
+    num_classes: int
+    image_size: int  # the side of the crops the network takes (train.crop_size)
+    stored_size: int  # the side of the processed images the crops are cut from
+    classes: list[str]  # class names, in output order
+    precision: str  # fp32 | bf16 | fp16: inference runs in the training's precision
+    memory_format: str  # channels_last | contiguous
+    model: dict[str, torch.Tensor]  # the weights (the EMA's when train.ema_decay is on)
+    params: dict[str, Any]  # the whole params.yaml of the training
+    metrics: dict[str, float]  # the last epoch's row of history.csv
+    epoch: int  # the last finished epoch
+    mlflow_run_id: str | None  # the training's MLflow run
+    data: dict[str, Any]  # out/processed/info.json of the data it was trained on
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+INFERENCE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Inference))
+# What last.pt and best.pt hold besides INFERENCE_KEYS: the run's state, for resume.
+RESUME_KEYS: tuple[str, ...] = (
+    "raw_model", "optimizer", "schedule", "scaler", "ema", "rng", "history", "best",
+    "since_best", "mlflow_run_id", "world", "complete",
+)  # fmt: skip
+
+
+def inference_only(state: dict[str, Any]) -> dict[str, Any]:
+    """The INFERENCE_KEYS of a checkpoint (model.pt's content), without the resume state."""
+    return {key: state[key] for key in INFERENCE_KEYS}
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` (must contain the keys `build_model` needs) atomically to `path`."""
+    """Write `state` (at least INFERENCE_KEYS) atomically to `path`."""
+    missing = [key for key in INFERENCE_KEYS if key not in state]
+    if missing:  # a bug, not a user's error: a checkpoint that could not be loaded again
+        raise ValueError(f"checkpoint for {path} lacks {', '.join(missing)}")
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save`; anything else raises CheckpointError."""
+def load(
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    require: Iterable[str] = INFERENCE_KEYS,
+) -> dict[str, Any]:
+    """Read a checkpoint written by `save` holding every key in `require`.
+
+    Anything else (no file, not a torch file, another format, a missing key) raises
+    CheckpointError, one line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint; run `dvc repro train` first")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the bytes make torch.load raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path}: not a readable checkpoint of this project ({first})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (format != {FORMAT})")
+    missing = [key for key in require if key not in state]
+    if missing:
+        keys = "key" if len(missing) == 1 else "keys"
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint, missing {keys} {', '.join(map(repr, missing))}"
+        )
     return state

@@ -1,12 +1,13 @@
 """The training loop: one epoch of batched steps, and validation on the centre crop.
 
-`train_one_epoch` and `validate` are all the stage's driver (stages/train.py) calls per epoch;
-everything they touch is built once per run into `Engine`.
+`run_epoch` (`train_one_epoch`, then `validate`) is all the stage's driver (stages/train.py)
+calls per epoch; everything they touch is built once per run into `Engine`.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,23 @@ class Engine:
     speed: Speed
     dist: Dist
     generator: torch.Generator
+
+
+def run_epoch(
+    e: Engine, train: tuple[torch.Tensor, torch.Tensor], val: tuple[np.ndarray, np.ndarray],
+    t: TrainParams, val_batch: int, epoch: int,
+) -> dict[str, float]:  # fmt: skip
+    """Train one epoch on this rank's `train` (images, labels), then validate the model (and
+    its EMA) on `val`: the epoch's metrics, its learning rate, seconds and throughput."""
+    lr = e.schedule.lr
+    tic = time.perf_counter()
+    row = train_one_epoch(e, *train, t, epoch)
+    seconds = time.perf_counter() - tic
+    row |= validate(e.raw, *val, t.crop_size, val_batch, e.speed, e.dist)
+    if e.ema is not None:
+        row |= validate(e.ema.module, *val, t.crop_size, val_batch, e.speed, e.dist, "ema_val_")
+    seen = e.schedule.steps_per_epoch * max(1, t.batch_size // e.dist.world) * e.dist.world
+    return row | {"lr": lr, "epoch_seconds": seconds, "images_per_second": seen / seconds}
 
 
 def train_one_epoch(

@@ -137,7 +137,7 @@ def initialise(model: nn.Module, p: Any) -> nn.Module:
     else:
         from stages.core import checkpoint  # imports the nets registry: only for this case
 
-        ckpt = checkpoint.load(Path(init))
+        ckpt = checkpoint.load(Path(init), require=("model",))  # any of model/last/best.pt
         # Keep this dataset's input normalisation (the mean image inside the model).
         state = {k: v for k, v in ckpt["model"].items() if not k.startswith("normalize.")}
         copied, skipped = copy_matching(model, state, prefix="")
