@@ -35,9 +35,9 @@ from stages.data.augment import augment  # noqa: E402
 from stages.engine.device import Speed, has_conv  # noqa: E402
 from stages.engine.distributed import Dist  # noqa: E402
 from stages.engine.inference import predict_proba  # noqa: E402
+from stages.engine.loop import Engine, train_one_epoch  # noqa: E402
 from stages.engine.schedules import Schedule  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
-from stages.train import Engine, train_one_epoch  # noqa: E402
 
 SIZE, CROP, CLASSES = 64, 56, 10
 CPU = torch.device("cpu")

@@ -72,7 +72,7 @@ def evaluate(p: Params) -> dict:
                 writer.writerow([name, int(mask.sum()), f"{acc:.4f}"])
         plot_confusion(truth, preds, data.classes, out / "confusion_matrix.png")
 
-    with tracking.run(run_id=state["mlflow_run_id"]):
+    with tracking.run(run_id=state["mlflow_run_id"]), tracking.shielded():
         mlflow.log_metrics(
             {
                 "single_crop_top1": metrics["single_crop"]["top1"],

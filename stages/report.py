@@ -265,7 +265,7 @@ def report(p: Params) -> list[str]:
             PICTURES[name](ctx)
             print(f"report: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
         written = sorted(f.name for f in out.iterdir())
-    with tracking.run(run_id=state["mlflow_run_id"]):
+    with tracking.run(run_id=state["mlflow_run_id"]), tracking.shielded():
         mlflow.log_artifacts(str(paths.REPORT), artifact_path="report")
         _log_checkpoint(state)
     print(

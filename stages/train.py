@@ -21,18 +21,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
+from stages.core.errors import Interrupted
 from stages.core.files import atomic_path
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
 from stages.engine import distributed, pretrained
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.distributed import Dist
-from stages.engine.loop import (
-    Engine,
-    TrainingError,
-    run_epoch,
-    train_one_epoch,  # noqa: F401 - benchmarks import it from here
-)
+from stages.engine.loop import Engine, TrainingError, run_epoch
 from stages.engine.losses import make_loss
 from stages.engine.model import build_model
 from stages.engine.optim import make_optimizer
@@ -141,26 +137,39 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
         if d.main:
             s.mlflow_run_id = run.info.run_id
             _log_start(p, data.info, resumed_from=s.epoch if saved is not None else None)
-        for epoch in range(s.epoch + 1, t.epochs + 1):
-            if t.patience and s.since_best >= t.patience:
-                break  # stopped early (in this process, or before the kill it resumes from)
-            if d.main and t.histogram_every and (epoch - 1) % t.histogram_every == 0:
-                _log_histograms(s.model, sample.to(device), e.speed, epoch - 1)
-            pretrained.freeze_body(s.model, frozen=epoch <= t.freeze_epochs)
-            row = run_epoch(e, train_set, val_set, t, p.evaluate.batch_size, epoch)
-            improved = s.end_epoch(epoch, row)
-            if d.main:
-                mlflow.log_metrics(row, step=epoch)
-                state = _inference(p, data, e.speed, s).to_dict() | s.state_dict()
-                checkpoint.save(paths.LAST, state)
-                if improved:
-                    checkpoint.save(paths.BEST, state)
-                print(_progress(epoch, t.epochs, row), flush=True)
+        saved = s.epoch  # the epoch last.pt holds
+        try:
+            for epoch in range(s.epoch + 1, t.epochs + 1):
                 if t.patience and s.since_best >= t.patience:
-                    print(f"train: early stop, no val top-1 gain for {t.patience} epochs")
+                    break  # stopped early (in this process, or before the kill it resumes from)
+                if d.main and t.histogram_every and (epoch - 1) % t.histogram_every == 0:
+                    _log_histograms(s.model, sample.to(device), e.speed, epoch - 1)
+                pretrained.freeze_body(s.model, frozen=epoch <= t.freeze_epochs)
+                row = run_epoch(e, train_set, val_set, t, p.evaluate.batch_size, epoch)
+                improved = s.end_epoch(epoch, row)
+                if d.main:
+                    with tracking.shielded():
+                        mlflow.log_metrics(row, step=epoch)
+                    state = _inference(p, data, e.speed, s).to_dict() | s.state_dict()
+                    checkpoint.save(paths.LAST, state)
+                    saved = epoch
+                    if improved:
+                        checkpoint.save(paths.BEST, state)
+                    print(_progress(epoch, t.epochs, row, t.patience, s.since_best), flush=True)
+        except Interrupted as err:  # say how far training got and how to go on
+            raise Interrupted(err.signum, _stopped(s.epoch, saved, t.epochs)) from None
         if d.main:
             _finish(p, data, e.speed, s)
     return s.metrics
+
+
+def _stopped(reached: int, saved: int, epochs: int) -> str:
+    """Where an interrupted training stands and how to go on."""
+    kept = (
+        f"{paths.LAST} holds epoch {saved}: run the same command again to resume there"
+        if saved else "no epoch was saved yet, so running again starts over"
+    )  # fmt: skip
+    return f"training stopped in epoch {reached + 1} of {epochs}; {kept}"
 
 
 def _shards(data: Processed, d: Dist, device: torch.device) -> tuple[tuple, tuple]:
@@ -217,20 +226,25 @@ def _banner(p: Params, e: Engine, notes: list[str], n: int, resume_at: int | Non
 
 def _log_start(p: Params, info: dict, resumed_from: int | None) -> None:
     """The run's params; the epoch it resumes after, or (fresh) the images preprocess skipped."""
-    mlflow.log_params(flatten(p.to_dict()))
-    if resumed_from is not None:
-        mlflow.set_tag("resumed_from_epoch", str(resumed_from))
-    else:  # files preprocess skipped (skip_bad_images); a resumed run logged it already
-        mlflow.log_metric("data_skipped_images", info.get("skipped_images", 0))
+    with tracking.shielded():
+        mlflow.log_params(flatten(p.to_dict()))
+        if resumed_from is not None:
+            mlflow.set_tag("resumed_from_epoch", str(resumed_from))
+        else:  # files preprocess skipped (skip_bad_images); a resumed run logged it already
+            mlflow.log_metric("data_skipped_images", info.get("skipped_images", 0))
 
 
-def _progress(epoch: int, epochs: int, row: dict[str, float]) -> str:
-    return (
+def _progress(epoch: int, epochs: int, row: dict[str, float], patience: int, since: int) -> str:
+    """The epoch's line (and the early stop's, when patience ran out)."""
+    line = (
         f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}"
         f"  train {row['train_top1']:.2%}  val loss {row['val_loss']:.4f}"
         f"  val top-1 {row['val_top1']:.2%}  top-5 {row['val_top5']:.2%}"
         f"  lr {row['lr']:.2e}  {row['images_per_second']:.0f} img/s"
     )
+    if patience and since >= patience:
+        line += f"\ntrain: early stop, no val top-1 gain for {patience} epochs"
+    return line
 
 
 def _inference(p: Params, data: Processed, speed: Speed, s: RunState) -> checkpoint.Inference:
@@ -253,14 +267,16 @@ def _finish(p: Params, data: Processed, speed: Speed, s: RunState) -> None:
     checkpoint.save(paths.CHECKPOINT, model)
     _write_history(s.history)
     checkpoint.save(paths.LAST, model | s.state_dict())
-    mlflow.log_artifact(str(paths.HISTORY))
-    mlflow.log_artifact(str(paths.PROCESSED / "mean.png"))
-    _log_model(s.result, p.train.crop_size)
+    with tracking.shielded():
+        mlflow.log_artifact(str(paths.HISTORY))
+        mlflow.log_artifact(str(paths.PROCESSED / "mean.png"))
+        _log_model(s.result, p.train.crop_size)
 
 
 def _log_histograms(model: nn.Module, x: torch.Tensor, speed: Speed, epoch: int) -> None:
     """Per-layer weight/activation statistics as MLflow metrics and a PNG (rank 0)."""
     metrics, samples = histograms.layer_statistics(model, speed.inputs(x))
-    mlflow.log_metrics(metrics, step=epoch)
     fig = histograms.plot(samples, f"activations after epoch {epoch}")
-    mlflow.log_figure(fig, f"histograms/epoch_{epoch:03d}.png")
+    with tracking.shielded():
+        mlflow.log_metrics(metrics, step=epoch)
+        mlflow.log_figure(fig, f"histograms/epoch_{epoch:03d}.png")

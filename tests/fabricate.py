@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import nets
 from stages import params
@@ -40,6 +41,7 @@ def processed(root: Path) -> None:
                       ("val_images", val_x), ("val_labels", val_y)]:  # fmt: skip
         np.save(folder / f"{name}.npy", arr)
     np.save(folder / "mean.npy", train_x.mean(0).astype(np.float32))
+    Image.fromarray(train_x.mean(0).astype(np.uint8)).save(folder / "mean.png")
     (folder / "classes.json").write_text(json.dumps(CLASSES))
     info = {"dataset": "digits", "std": [50.0, 50.0, 50.0], "wnids": WNIDS}
     (folder / "info.json").write_text(json.dumps(info))

@@ -6,15 +6,18 @@ stage or DVC would take for a result, and no MLflow run left RUNNING.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -450,3 +453,137 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
     assert snapshot(root) == before, "files under out/ were created or changed"
     assert running_runs(root) == 0
     assert not (root / "PWNED").exists()  # a checkpoint never runs code
+
+
+# --- cases that need more than one line and a clean out/ to check ---------------------------
+
+
+def run(root: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "stages", *args], cwd=root, env=env, capture_output=True,
+        text=True, timeout=300, **kwargs,
+    )  # fmt: skip
+
+
+def workspace(template: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    shutil.copytree(template, root)
+    return root
+
+
+def test_predict_still_classifies_the_good_images(template, tmp_path):
+    root = workspace(template, tmp_path)
+    bomb_png("images/bomb.png")(root)
+    result = run(root, "predict", "images/good.png", "images/bomb.png", "--crops", "1")
+    assert result.returncode == 1
+    assert "images/good.png:" in result.stdout  # its top-5 block was printed
+    assert "images/bomb.png: DecompressionBombError" in result.stdout
+
+
+def test_a_link_out_of_the_data_folder_is_not_followed(template, tmp_path):
+    root = workspace(template, tmp_path)
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    (outside / "id_rsa.png").write_text("private key")
+    folder_of_images(["cats", "dogs"])(root)
+    (root / "data/images/cats/key.png").symlink_to(outside / "id_rsa.png")
+    (root / "data/images/birds").symlink_to(outside, target_is_directory=True)
+    (root / "data/images/dogs/again").symlink_to(root / "data/images/cats")  # inside: followed
+    result = run(root, "download", "-S", "dataset=folder")
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("download: skipped")]
+    # cats/key.png, birds, and key.png again through dogs/again (a link to cats).
+    assert len(skipped) == 3 and all("outside" in line for line in skipped)
+    copied = sorted(str(f.relative_to(root / "out/raw")) for f in (root / "out/raw").rglob("*"))
+    assert not [f for f in copied if "key" in f or "birds" in f]
+    assert "folder/dogs/again/0.png" in copied
+
+
+def test_a_batch_larger_than_the_data_counts_the_images_it_saw(template, tmp_path):
+    """40 training images in one 100,000 batch: loss, top-1 and images/s are per image seen."""
+    root = workspace(template, tmp_path)
+    args = ["-S", "train.epochs=2", "-S", "model=mlp", "-S", "train.lr=0.001"]
+    big = run(root, "train", "-S", "train.batch_size=100000", *args)
+    assert big.returncode == 0, big.stderr
+    rows = list(csv.DictReader((root / "out/train/history.csv").read_text().splitlines()))
+    # An untrained 4-class model's cross-entropy is about ln 4 = 1.39: counting the batch as
+    # 100,000 images gave 0.0006.
+    assert all(0.8 < float(r["train_loss"]) < 3 for r in rows)
+    assert all(float(r["images_per_second"]) < 50_000 for r in rows)  # 40 images per step
+
+
+def test_ctrl_c_and_sigterm_say_where_training_stopped(template, tmp_path):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        root = tmp_path / f"ws{signum}"
+        shutil.copytree(template, root)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages", "train", "-S", "train.epochs=500", "-S", "model=mlp"],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (root / "out/train/last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err
+        assert "Traceback" not in err
+        [line] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "interrupted by" in line and "training stopped in epoch" in line
+        assert "out/train/last.pt holds epoch" in line and "again to resume" in line
+        assert running_runs(root) == 0
+        assert not list((root / "out/train").glob(".*.tmp"))  # no half-written checkpoint
+        assert "model.pt" in os.listdir(root / "out/train")  # the template's, untouched
+        assert not (root / "out/train/history.csv").read_text().count("\n") > 3
+
+
+def unshare_works() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare -rm (a private mount namespace)")
+def test_a_full_disk_names_the_path_and_leaves_nothing_behind(template, tmp_path):
+    """out/train on a 300 KiB file system: the checkpoint does not fit."""
+    root = workspace(template, tmp_path)
+    shutil.rmtree(root / "out/train")
+    (root / "out/train").mkdir()
+    script = (
+        "mount -t tmpfs -o size=300k tmpfs out/train && "
+        f"{sys.executable} -m stages train -S model=alexnet; code=$?;"
+        " echo LISTING; ls -a out/train; exit $code"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=root, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "out/train/last.pt: needs" in line and "MiB free" in line
+    assert result.stdout.split("LISTING")[1].split() == [".", ".."]  # nothing left behind
+    assert running_runs(root) == 0
+
+
+def test_numbers_in_scientific_notation_are_numbers(template, tmp_path):
+    root = workspace(template, tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(params)
+        .replace("lr: 0.01", "lr: 1e-2")
+        .replace("weight_decay: 0.0005", "weight_decay: 5e-4")
+    )
+    assert "lr: 1e-2" in (root / "params.yaml").read_text()
+    from stages.params import load
+
+    p = load(root / "params.yaml", ["train.momentum=9e-1", "train.label_smoothing=1E-1"])
+    assert (p.train.lr, p.train.weight_decay) == (0.01, 0.0005)
+    assert (p.train.momentum, p.train.label_smoothing) == (0.9, 0.1)

@@ -139,7 +139,7 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
             writer.writerows(zip(result.lrs, result.losses, strict=True))
         plot(result, out / "lr_find.png", title)
     tags = tracking.run_tags(p.dataset, p.model) | {"kind": "lr-find"}
-    with tracking.run(run_name=f"lr-find {p.model}", tags=tags):
+    with tracking.run(run_name=f"lr-find {p.model}", tags=tags), tracking.shielded():
         mlflow.log_params(flatten(p.to_dict()) | {"lr_find.start": start, "lr_find.end": end})
         mlflow.log_metric("suggested_lr", result.suggestion)
         mlflow.log_artifacts(str(paths.LR_FIND), artifact_path="lr_find")

@@ -12,6 +12,9 @@ The copy of model.pt that report logs to the MLflow run is `inference_only(state
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -74,8 +77,14 @@ def save(path: Path, state: dict[str, Any]) -> None:
     missing = [key for key in INFERENCE_KEYS if key not in state]
     if missing:  # a bug, not a user's error: a checkpoint that could not be loaded again
         raise ValueError(f"checkpoint for {path} lacks {', '.join(missing)}")
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    # Serialised in memory first: its size is known before a byte reaches the disk, and a
+    # full disk is then an OSError that names the path (torch.save writing straight to the
+    # file reports it as an opaque RuntimeError from its zip writer).
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getbuffer()
+    with atomic_path(path, need=len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def load(
@@ -94,6 +103,16 @@ def load(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the bytes make torch.load raise
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and named:
+            # weights_only=True refused to import a Python object, which is how a pickle runs
+            # code. torch's message then suggests weights_only=False: for a downloaded file that
+            # advice runs whatever the file carries, so it is not repeated.
+            raise CheckpointError(
+                f"{path}: refused: the file asks to run code when opened ({named[1]}), which no"
+                " checkpoint of this project does; do not open it with pickle or"
+                " torch.load(weights_only=False)"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path}: not a readable checkpoint of this project ({first})"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,8 +80,35 @@ def run_tags(dataset: str, model: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends; wrap every write to the MLflow store.
+
+    An interrupt raised inside a write would leave the sqlite store's transaction open (its
+    session rolls back on Exception only, and interrupts are BaseExceptions): the store stays
+    locked and the run could not even be marked FAILED. Held, the signal is delivered the
+    moment the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
 def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
     """Start (or reopen, with `run_id`) a run; any exception, Ctrl-C or SIGTERM ends it FAILED."""
-    experiment_id = setup()
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs) as active:
+    with shielded():
+        experiment_id = setup()
+        active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs)
+    try:
         yield active
+    except BaseException:
+        with shielded():
+            mlflow.end_run("FAILED")
+        raise
+    with shielded():
+        mlflow.end_run("FINISHED")

@@ -256,34 +256,34 @@ def copy_tree(src: Path, dst: Path, inside: Path) -> int:
 
     A symbolic link is followed only while its target stays inside the folder `inside` (the
     data folder): a link to anything else (your home, /etc) would copy that into out/raw, the
-    DVC cache and every `dvc push`, so it is skipped with one line saying so. Link loops and
-    things that are not files (sockets, broken links) are skipped the same way.
+    DVC cache and every `dvc push`, so it is skipped with one line saying so. Links to a
+    folder being copied (loops) and things that are not files (sockets, broken links) are
+    skipped the same way.
     """
     inside = inside.resolve()
-    seen: set[Path] = set()
     count = 0
 
     def skip(entry: Path, why: str) -> None:
         print(f"download: skipped {entry}: {why}")
 
-    def visit(folder: Path, out: Path) -> None:
+    def visit(folder: Path, out: Path, above: tuple[Path, ...]) -> None:
         nonlocal count
-        seen.add(folder.resolve())
+        above = (*above, folder.resolve())  # the folders being copied, outermost first
         out.mkdir(parents=True, exist_ok=True)
         for entry in sorted(folder.iterdir()):
             target = entry.resolve()
             if entry.is_symlink() and not target.is_relative_to(inside):
                 skip(entry, f"a link to {target}, outside {inside}; links must stay in it")
             elif entry.is_dir():
-                if target in seen:
-                    skip(entry, f"a link to {target}, a folder already copied (or a loop)")
+                if target in above:
+                    skip(entry, f"a link to {target}, a folder it is inside (a loop)")
                 else:
-                    visit(entry, out / entry.name)
+                    visit(entry, out / entry.name, above)
             elif entry.is_file():
                 shutil.copyfile(entry, out / entry.name)
                 count += 1
             else:
                 skip(entry, "not a regular file (a broken link, socket or device)")
 
-    visit(src, dst)
+    visit(src, dst, ())
     return count

@@ -60,23 +60,28 @@ def run_epoch(
     tic = time.perf_counter()
     row = train_one_epoch(e, *train, t, epoch)
     seconds = time.perf_counter() - tic
+    seen = row.pop("images")  # trained on, over every rank
     row |= validate(e.raw, *val, t.crop_size, val_batch, e.speed, e.dist)
     if e.ema is not None:
         row |= validate(e.ema.module, *val, t.crop_size, val_batch, e.speed, e.dist, "ema_val_")
-    seen = e.schedule.steps_per_epoch * max(1, t.batch_size // e.dist.world) * e.dist.world
     return row | {"lr": lr, "epoch_seconds": seconds, "images_per_second": seen / seconds}
 
 
 def train_one_epoch(
     e: Engine, images: torch.Tensor, labels: torch.Tensor, t: TrainParams, epoch: int
 ) -> dict[str, float]:
-    """One pass over a fresh permutation of this rank's (images (N, H, W, 3) uint8, labels)."""
+    """One pass over a fresh permutation of this rank's (images (N, H, W, 3) uint8, labels).
+
+    Returns the mean train loss and top-1 over the images actually seen, and their number
+    (`images`): a batch larger than the shard holds only the shard, and counts as such.
+    """
     e.net.train()
     batch = max(1, t.batch_size // e.dist.world)  # train.batch_size is the global batch
     steps = e.schedule.steps_per_epoch  # the same on every rank: DDP steps in lockstep
     order = torch.randperm(len(labels), device=images.device, generator=e.generator)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
+    seen = 0
     # A GPU syncs to test the loss; there it is read every 25 steps, on the CPU every step.
     check = 1 if images.device.type == "cpu" else 25
     desc = f"epoch {epoch}/{t.epochs}"
@@ -89,6 +94,7 @@ def train_one_epoch(
             logits = e.net(e.speed.inputs(x))  # (B, K)
             loss = e.loss_fn(logits, y)
         loss_sum += loss.detach() * len(y)
+        seen += len(y)
         if (step % check == 0 or step == steps - 1) and not torch.isfinite(loss_sum):
             raise TrainingError(
                 f"loss is {loss.item()} at epoch {epoch}, step {step + 1}/{steps}"
@@ -105,9 +111,10 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum()
         if step % 10 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    sums = distributed.all_sum(e.dist, torch.stack([loss_sum, correct.float()]).float())
-    seen = steps * batch * e.dist.world
-    return {"train_loss": sums[0].item() / seen, "train_top1": sums[1].item() / seen}
+    count = torch.tensor(float(seen), device=images.device)
+    sums = distributed.all_sum(e.dist, torch.stack([loss_sum, correct.float(), count]).float())
+    n = sums[2].item()
+    return {"train_loss": sums[0].item() / n, "train_top1": sums[1].item() / n, "images": n}
 
 
 def validate(
