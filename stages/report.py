@@ -1,7 +1,8 @@
 """Stage 5, report: the pictures that show what the network learned.
 
 Writes out/report/ as a whole (atomically) and logs it to the training's MLflow run (report/):
-  predictions.png     seeded validation images: gold label, top-k probabilities, saliency map
+  predictions.png     seeded validation images: gold label, top-k probabilities, SmoothGrad
+                      saliency map
   mistakes.png        the validation images the model got most confidently wrong
   filters_conv1.png   the first conv layer's kernels as RGB tiles
   filters_conv2.png   inputs that excite each channel of the 2nd / 4th conv layer most
@@ -51,11 +52,12 @@ class Context:
 def _with_saliency(
     ctx: Context, idx: np.ndarray, probs: torch.Tensor, out: Path, title: str
 ) -> None:
-    """Centre crops of validation images `idx`, saliency of their top class, top-k bars."""
+    """Centre crops of validation images `idx`, SmoothGrad saliency of their top class (noise
+    drawn from report.seed, so the picture is the same every run), top-k bars."""
     images = torch.from_numpy(np.ascontiguousarray(ctx.data.val_images[np.sort(idx)]))
     order = np.argsort(np.argsort(idx))  # memory-mapped arrays want sorted indices; undo it
     x = center_crop(images, ctx.size)[order].to(ctx.device)  # (n, 3, S, S)
-    maps = saliency(ctx.model, x).cpu()  # (n, S, S)
+    maps = saliency(ctx.model, x, seed=ctx.p.report.seed).cpu()  # (n, S, S)
     gold = ctx.data.val_labels[idx].tolist()
     plot_predictions(x.cpu(), maps, probs, ctx.classes, out, gold=gold, title=title)
 
@@ -249,15 +251,15 @@ PICTURES: dict[str, Callable[[Context], None]] = {
 
 def report(p: Params) -> list[str]:
     """Draw the pictures `p.report.pictures` names; returns the files written."""
+    trained = load_trained(paths.CHECKPOINT, p.train.device)
+    state = trained.state
+    data = load_processed(p.preprocess_inputs())
+    data.check_classes(trained.classes, str(paths.CHECKPOINT))
     for name, (path, stage) in INPUTS.items():
         if name in p.report.pictures and not path.is_file():
             raise DataError(
                 f"{path}: not found (the {name} picture reads it); run `dvc repro {stage}`"
             )
-    trained = load_trained(paths.CHECKPOINT, p.train.device)
-    state = trained.state
-    data = load_processed(p.preprocess_inputs())
-    data.check_classes(trained.classes, str(paths.CHECKPOINT))
     with atomic_dir(paths.REPORT) as out:
         ctx = Context(p, trained, data, out)
         for name in p.report.pictures:
