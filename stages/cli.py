@@ -108,7 +108,9 @@ def predict(
     checkpoint: Path = typer.Option(Path("out/train/model.pt"), help="Checkpoint to use."),
     top: int = typer.Option(5, help="How many classes to print per image."),
     crops: int = typer.Option(10, help="1 (centre crop) or 10 (corners, centre, mirrors)."),
-    saliency: Path | None = typer.Option(None, help="Also write the saliency picture here."),
+    saliency: Path | None = typer.Option(
+        None, help="Also write the picture with SmoothGrad saliency maps here."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Top-k classes with probabilities for each image file, from the checkpoint alone."""
@@ -162,6 +164,19 @@ def submit(
     from stages.commands.submit import submit as command
 
     _guard(lambda: command(images, checkpoint, out, crops, device))
+
+
+@app.command()
+def results(
+    dataset: list[str] = typer.Option([], help="Only this dataset (repeat for several)."),
+    model: list[str] = typer.Option([], help="Only this model (repeat for several)."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV instead of a Markdown table."),
+    out: Path | None = typer.Option(None, help="Also write the table to this file."),
+) -> None:
+    """Best run per (dataset, model) in MLflow, beside the published results; exit 1: none."""
+    from stages.commands.results import results as command
+
+    _guard(lambda: command(dataset, model, as_csv, out))
 
 
 @app.command()

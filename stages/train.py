@@ -136,7 +136,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     with _mlflow_run(d, s.mlflow_run_id, p) as run:
         if d.main:
             s.mlflow_run_id = run.info.run_id
-            _log_start(p, data.info, resumed_from=s.epoch if saved is not None else None)
+            _log_start(p, e, data.info, resumed_from=s.epoch if saved is not None else None)
         saved = s.epoch  # the epoch last.pt holds
         try:
             for epoch in range(s.epoch + 1, t.epochs + 1):
@@ -224,10 +224,13 @@ def _banner(p: Params, e: Engine, notes: list[str], n: int, resume_at: int | Non
     )
 
 
-def _log_start(p: Params, info: dict, resumed_from: int | None) -> None:
-    """The run's params; the epoch it resumes after, or (fresh) the images preprocess skipped."""
+def _log_start(p: Params, e: Engine, info: dict, resumed_from: int | None) -> None:
+    """The run's params and the device and precision it trains with; the epoch it resumes
+    after, or (fresh) the images preprocess skipped."""
     with tracking.shielded():
         mlflow.log_params(flatten(p.to_dict()))
+        device = str(e.speed.device) + (f" x {e.dist.world}" if e.dist.world > 1 else "")
+        mlflow.set_tags({"device": device, "precision": e.speed.precision})
         if resumed_from is not None:
             mlflow.set_tag("resumed_from_epoch", str(resumed_from))
         else:  # files preprocess skipped (skip_bad_images); a resumed run logged it already

@@ -36,6 +36,68 @@ def test_saliency_differentiates_the_requested_class():
     assert saliency(OnePixel(), x, torch.tensor([1]))[0, 5, 7] == pytest.approx(1.0)
 
 
+class Threshold(nn.Module):
+    """Class 0's score is relu(v - 0.5) of pixel (channel 0, row 3, column 4); class 1's is 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, 0, 3, 4]  # (B,)
+        return torch.stack([torch.relu(v - 0.5), torch.zeros_like(v)], dim=1)  # (B, 2)
+
+
+def test_smoothgrad_finds_the_pixel_a_plain_gradient_misses():
+    x = torch.rand(2, 3, 8, 8)
+    x[:, :, 0, 0], x[:, :, 7, 7] = 0.0, 1.0  # each image spans [0, 1]: noise std 0.15
+    x[:, 0, 3, 4] = 0.4  # below the threshold: the plain gradient there is exactly zero
+    target = torch.tensor([0, 0])
+    assert (saliency(Threshold(), x, target, samples=1, noise=0.0) == 0).all()
+    maps = saliency(Threshold(), x, target)  # 25 copies: P(0.4 + noise > 0.5) is about 1/4
+    assert (maps[:, 3, 4] > 0.05).all()
+    maps[:, 3, 4] = 0
+    assert (maps == 0).all()  # and nothing else lights up
+
+
+def total_variation(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) summed absolute neighbour differences of each (H, W) map scaled to sum 1."""
+    m = maps / maps.sum(dim=(1, 2), keepdim=True)
+    return (m[:, 1:] - m[:, :-1]).abs().sum((1, 2)) + (m[:, :, 1:] - m[:, :, :-1]).abs().sum((1, 2))
+
+
+def test_smoothgrad_maps_are_smoother_than_plain_gradients_on_a_conv_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(64, 5),
+    )  # fmt: skip
+    # Smooth images, as photos are: the speckle of a plain gradient comes from the ReLUs alone.
+    x = nn.functional.interpolate(torch.rand(6, 3, 4, 4), size=24, mode="bilinear")
+    plain = total_variation(saliency(net, x, samples=1, noise=0.0))
+    smooth = total_variation(saliency(net, x))
+    assert (smooth < plain).all()
+    assert smooth.mean() < 0.9 * plain.mean()
+
+
+def test_smoothgrad_runs_in_batches_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+        nn.Linear(4 * 6 * 6, 3),
+    )  # fmt: skip
+    sizes = []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    net.train()
+    stats = net[1].running_mean.clone()
+    x = torch.rand(3, 3, 8, 8)
+    maps = saliency(net, x, samples=5, batch_size=4)
+    assert maps.shape == (3, 8, 8) and (maps >= 0).all()
+    assert sizes == [3, 4, 4, 4, 3]  # the clean pass for the top class, then 15 noisy copies
+    assert net.training and torch.equal(net[1].running_mean, stats)
+    assert all(p.grad is None for p in net.parameters())
+    again = saliency(net, x, samples=5, batch_size=4)
+    assert torch.equal(maps, again)  # the same seed draws the same noise
+    assert not torch.equal(maps, saliency(net, x, samples=5, batch_size=4, seed=1))
+
+
 def test_first_layer_filter_grid_has_one_tile_per_kernel():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 4, 3))

@@ -77,7 +77,7 @@ def predict(
                 print(f"  {q:7.2%}  {name}")
         if saliency_out is not None:
             x = center_crop(batch, size).to(trained.speed.device)  # (N, 3, S, S)
-            maps = saliency(trained.model, x).cpu()  # (N, S, S)
+            maps = saliency(trained.model, x).cpu()  # (N, S, S), SmoothGrad
             titles = [path.name[:28] for path in ok]
             with atomic_path(Path(saliency_out)) as tmp:
                 plot_predictions(x.cpu(), maps, probs, classes, tmp, titles=titles, top=k)
