@@ -44,8 +44,9 @@ class InputNorm(nn.Module):
                 f"mean must be (3, H, W) or (3,) and std (3,); got {tuple(mean_t.shape)} "
                 f"and {tuple(std_t.shape)}"
             )
-        self.register_buffer("mean", mean_t.clone())
-        self.register_buffer("std", std_t.clone())
+        # Contiguous copies: a permuted view (an HWC mean image) would be saved strided.
+        self.register_buffer("mean", mean_t.clone(memory_format=torch.contiguous_format))
+        self.register_buffer("std", std_t.clone(memory_format=torch.contiguous_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.mean  # (3, H, W)

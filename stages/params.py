@@ -146,6 +146,7 @@ class TrainParams:
     histogram_every: int = 0  # weight/activation histograms every N epochs (0 = off)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across DDP ranks
     resume: bool = True  # continue from out/train/last.pt when its params match
+    register_model: bool = False  # also register the MLflow model as convnet-<dataset>-<model>
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be a positive integer")
@@ -271,6 +272,13 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def tracked(self) -> dict[str, Any]:
+        """The params as MLflow shows them (`train.lr: 0.01`), with only the selected model's
+        `nets` options: the others played no part in the run."""
+        tree = self.to_dict()
+        tree["nets"] = {self.model: self.net_options}
+        return {k: v for k, v in flatten(tree).items() if v != {}}
 
     def preprocess_inputs(self) -> dict[str, Any]:
         """The params that determine out/processed (what preprocess records in info.json)."""

@@ -26,6 +26,7 @@ from stages.core import paths
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_dir, write_json
 from stages.data.images import Decoded, decode_files
+from stages.data.processed import digest
 from stages.data.shapes import counting_set
 from stages.params import Params
 
@@ -383,6 +384,10 @@ def preprocess(p: Params) -> Path:
                 "val_count": len(splits.val_labels),
                 "test_count": 0 if splits.test_images is None else len(splits.test_images),
                 "skipped_images": len(splits.skipped),  # undecodable files left out
+                "digests": {  # the MLflow dataset inputs' digests
+                    "train": digest(splits.train_images, splits.train_labels),
+                    "val": digest(splits.val_images, splits.val_labels),
+                },
                 **({"wnids": splits.wnids} if splits.wnids else {}),
                 "std": channel_std(splits.train_images),
             },

@@ -17,6 +17,7 @@ import csv
 import mlflow
 import numpy as np
 import torch
+from mlflow.data.code_dataset_source import CodeDatasetSource
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -24,7 +25,8 @@ from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
 from stages.core.files import atomic_path
 from stages.data.augment import center_crop
-from stages.data.processed import Processed, load_processed
+from stages.data.datasets import DATASETS
+from stages.data.processed import Processed, digest, load_processed
 from stages.engine import distributed, pretrained
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.distributed import Dist
@@ -37,6 +39,8 @@ from stages.engine.state import RunState
 from stages.explain import histograms
 from stages.params import Params, flatten
 
+SYSTEM_METRICS_SECONDS = 5.0  # how often the run records CPU, memory (and GPU) use
+
 
 def _write_history(rows: list[dict]) -> None:
     with atomic_path(paths.HISTORY) as tmp, open(tmp, "w", newline="") as f:
@@ -45,8 +49,12 @@ def _write_history(rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _log_model(model: nn.Module, size: int) -> None:
-    model = model.cpu().eval()
+def _log_model(model: nn.Module, p: Params, classes: list[str]) -> None:
+    """The trained network as an MLflow model named `<dataset>-<model>` (registered under
+    `convnet-<dataset>-<model>` with train.register_model), its classes in the metadata."""
+    # Contiguous weights: torch.export cannot pack channels_last ones ("No complete tensor").
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    size = p.train.crop_size
     # Batch of 2: torch.export fixes a size-1 dimension, and the model must take any batch size.
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
@@ -54,10 +62,43 @@ def _log_model(model: nn.Module, size: int) -> None:
     signature = mlflow.models.infer_signature(example, output)
     # Naming the requirements skips MLflow's inference of them (a subprocess: ~10 s a run).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    metadata = {
+        "classes": classes,
+        "input": f"float32 (batch, 3, {size}, {size}): RGB in [0, 1], channels first",
+        "output": f"float32 (batch, {len(classes)}): logits, in the order of `classes`",
+        "dataset": p.dataset,
+        "model": p.model,
+    }
+    name = f"{p.dataset}-{p.model}"
     mlflow.pytorch.log_model(
-        model, name="model", input_example=example, signature=signature,
-        pip_requirements=requirements,
+        model, name=name, input_example=example, signature=signature,
+        pip_requirements=requirements, metadata=metadata,
+        registered_model_name=f"convnet-{name}" if p.train.register_model else None,
     )  # fmt: skip
+
+
+def _log_data(p: Params, data: Processed) -> None:
+    """The training and validation sets as MLflow dataset inputs: the UI's Dataset column."""
+    spec = DATASETS[p.dataset]
+    if spec.files:  # where download fetches it (or the mirror params name)
+        name = spec.files[0].name
+        source = (
+            f"{p.download.mirror.rstrip('/')}/{name}"
+            if p.download.mirror
+            else spec.files[0].urls[0]
+        )
+    elif p.dataset == "folder":
+        source = str((tracking.root() / p.download.data_dir / p.download.folder).resolve())
+    else:  # made by preprocess itself
+        source = CodeDatasetSource({"description": spec.description})
+    digests = data.info.get("digests", {})  # data made before digests were recorded: compute
+    for split, context in (("train", "training"), ("val", "validation")):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        found = digests.get(split) or digest(images, labels)
+        dataset = mlflow.data.from_numpy(
+            images, source=source, targets=labels, name=p.dataset, digest=found
+        )
+        mlflow.log_input(dataset, context=context)
 
 
 def _resume_state(p: Params, d: Dist, data_info: dict) -> dict | None:
@@ -99,9 +140,15 @@ def _mlflow_run(d: Dist, run_id: str | None, p: Params) -> contextlib.AbstractCo
         except mlflow.exceptions.MlflowException:
             print(f"train: MLflow run {run_id} is not in this store; starting a new run")
             run_id = None
+    # CPU and memory use (and the GPU's, with nvidia-ml-py) beside the epochs.
+    mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
+    mlflow.system_metrics.set_system_metrics_samples_before_logging(1)
     if run_id:
-        return tracking.run(run_id=run_id)
-    return tracking.run(run_name=p.model, tags=tracking.run_tags(p.dataset, p.model))
+        return tracking.run(run_id=run_id, log_system_metrics=True)
+    return tracking.run(
+        run_name=tracking.run_name(p.dataset, p.model), log_system_metrics=True,
+        tags=tracking.run_tags(p.dataset, p.model, source="stages/train.py"),
+    )  # fmt: skip
 
 
 def train(p: Params) -> dict[str, float]:
@@ -136,7 +183,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     with _mlflow_run(d, s.mlflow_run_id, p) as run:
         if d.main:
             s.mlflow_run_id = run.info.run_id
-            _log_start(p, e, data.info, resumed_from=s.epoch if saved is not None else None)
+            _log_start(p, e, data, resumed_from=s.epoch if saved is not None else None)
         saved = s.epoch  # the epoch last.pt holds
         try:
             for epoch in range(s.epoch + 1, t.epochs + 1):
@@ -224,17 +271,19 @@ def _banner(p: Params, e: Engine, notes: list[str], n: int, resume_at: int | Non
     )
 
 
-def _log_start(p: Params, e: Engine, info: dict, resumed_from: int | None) -> None:
-    """The run's params and the device and precision it trains with; the epoch it resumes
-    after, or (fresh) the images preprocess skipped."""
+def _log_start(p: Params, e: Engine, data: Processed, resumed_from: int | None) -> None:
+    """The run's params, data and the device and precision it trains with; the epoch it
+    resumes after, or (fresh) the images preprocess skipped, if any."""
     with tracking.shielded():
-        mlflow.log_params(flatten(p.to_dict()))
         device = str(e.speed.device) + (f" x {e.dist.world}" if e.dist.world > 1 else "")
         mlflow.set_tags({"device": device, "precision": e.speed.precision})
-        if resumed_from is not None:
+        if resumed_from is not None:  # params and data were logged before the interruption
             mlflow.set_tag("resumed_from_epoch", str(resumed_from))
-        else:  # files preprocess skipped (skip_bad_images); a resumed run logged it already
-            mlflow.log_metric("data_skipped_images", info.get("skipped_images", 0))
+            return
+        mlflow.log_params(p.tracked())
+        _log_data(p, data)
+        if data.info.get("skipped_images"):  # undecodable files (preprocess.skip_bad_images)
+            mlflow.log_metric("data_skipped_images", data.info["skipped_images"])
 
 
 def _progress(epoch: int, epochs: int, row: dict[str, float], patience: int, since: int) -> str:
@@ -273,7 +322,7 @@ def _finish(p: Params, data: Processed, speed: Speed, s: RunState) -> None:
     with tracking.shielded():
         mlflow.log_artifact(str(paths.HISTORY))
         mlflow.log_artifact(str(paths.PROCESSED / "mean.png"))
-        _log_model(s.result, p.train.crop_size)
+        _log_model(s.result, p, data.classes)
 
 
 def _log_histograms(model: nn.Module, x: torch.Tensor, speed: Speed, epoch: int) -> None:

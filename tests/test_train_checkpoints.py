@@ -38,7 +38,7 @@ def run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setattr(train_module, "_log_model", lambda model, size: None)
+    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
     return tmp_path
 
 

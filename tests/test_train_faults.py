@@ -48,7 +48,7 @@ def setup(root: Path, **train) -> None:
 @pytest.fixture
 def quiet(monkeypatch):
     """In-process runs skip the slow MLflow model export (a subprocess test covers it)."""
-    monkeypatch.setattr(train_module, "_log_model", lambda model, size: None)
+    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
 
 
 def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):

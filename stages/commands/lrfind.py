@@ -29,7 +29,7 @@ from stages.data.processed import load_processed
 from stages.engine.device import resolve_device
 from stages.engine.model import build_model
 from stages.engine.optim import make_optimizer
-from stages.params import Params, flatten
+from stages.params import Params
 
 
 @dataclass
@@ -138,9 +138,10 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
             writer.writerow(["lr", "smoothed_loss"])
             writer.writerows(zip(result.lrs, result.losses, strict=True))
         plot(result, out / "lr_find.png", title)
-    tags = tracking.run_tags(p.dataset, p.model) | {"kind": "lr-find"}
-    with tracking.run(run_name=f"lr-find {p.model}", tags=tags), tracking.shielded():
-        mlflow.log_params(flatten(p.to_dict()) | {"lr_find.start": start, "lr_find.end": end})
+    tags = tracking.run_tags(p.dataset, p.model, "stages/commands/lrfind.py") | {"kind": "lr-find"}
+    name = f"lr-find/{tracking.run_name(p.dataset, p.model)}"
+    with tracking.run(run_name=name, tags=tags), tracking.shielded():
+        mlflow.log_params(p.tracked() | {"lr_find.start": start, "lr_find.end": end})
         mlflow.log_metric("suggested_lr", result.suggestion)
         mlflow.log_artifacts(str(paths.LR_FIND), artifact_path="lr_find")
     print(

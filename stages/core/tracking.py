@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,19 @@ from pathlib import Path
 import mlflow
 
 EXPERIMENT = "convnet-pipeline"
+# System metrics are sampled during training; their monitor's start/stop notes are not news.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# `mlflow.experimentKind` tells MLflow 3's UI this is model training: the experiment page reads
+# "Training runs" and leaves out its GenAI pages (traces, prompts, judges).
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "One run per `dvc repro` / `dvc exp run` training: convolutional networks trained from"
+        " scratch by convnet-pipeline. Compare runs in the chart view (val_top1, ten_crop_top1"
+        " per run), or tick runs and press Compare; `convnet results` prints the best run per"
+        " dataset and model beside the published results."
+    ),
+}
 
 
 def root() -> Path:
@@ -50,9 +64,13 @@ def setup() -> str:
     mlflow.set_tracking_uri(tracking_uri())
     with _file_lock(root() / ".mlflow.lock"):
         experiment = mlflow.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return mlflow.create_experiment(name, artifact_location=(root() / "mlartifacts").as_uri())
+        if experiment is None:
+            location = (root() / "mlartifacts").as_uri()
+            return mlflow.create_experiment(name, location, tags=EXPERIMENT_TAGS)
+        for key, value in EXPERIMENT_TAGS.items():  # a store made before the tags existed
+            if key not in experiment.tags:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
 
 
 def git_commit() -> str:
@@ -66,9 +84,16 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
-def run_tags(dataset: str, model: str) -> dict[str, str]:
-    """Tags that let the MLflow UI filter runs by dataset, model and DVC experiment."""
+def run_name(dataset: str, model: str) -> str:
+    """`digits/alexnet`, plus the DVC experiment's name under `dvc exp run` (`/lucid-pogo`)."""
+    return "/".join(part for part in (dataset, model, os.environ.get("DVC_EXP_NAME")) if part)
+
+
+def run_tags(dataset: str, model: str, source: str) -> dict[str, str]:
+    """Tags that let the MLflow UI filter runs by dataset, model and DVC experiment; `source`
+    (the code that made the run) replaces MLflow's guess, which is `__main__.py` every time."""
     return {
+        "mlflow.source.name": source,
         "dataset": dataset,
         "model": model,
         "git_commit": git_commit(),
