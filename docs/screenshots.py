@@ -1,6 +1,6 @@
 """The MLflow UI in headless Chromium: the README's screenshots and the browser test's driver.
 
-    python docs/screenshots.py                 # the store at ./mlflow.db -> docs/images/mlflow_*.png
+    python docs/screenshots.py        # the store ./mlflow.db -> docs/images/mlflow_*.png
 
 Starts `mlflow ui` on a free 127.0.0.1 port, opens the experiment's runs page in its chart view
 and its runs table in Debian's Chromium (`apt-get install chromium
@@ -79,9 +79,10 @@ def chromium(width: int = 1600, height: int = 1200) -> Iterator:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-dev-shm-usage", f"--window-size={width},{height}"):  # fmt: skip
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--window-size={width},{height}"]  # fmt: skip
+    for flag in flags:
         options.add_argument(flag)
     profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-profile-{os.getpid()}"
     options.add_argument(f"--user-data-dir={profile}")

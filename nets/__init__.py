@@ -5,7 +5,9 @@
 
 A builder has the signature `builder(num_classes, image_size, *, option=default, ...)`; its
 keyword defaults are the model's options (`options(name)`), so a checkpoint can store the name
-plus the options and rebuild the same module.
+plus the options and rebuild the same module. Beside it, `register` takes the model's training
+defaults (`train_defaults(name)`): the `train.*` values it was tuned with on the default data,
+which fill every train key params.yaml leaves `null` when `model` selects it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from nets.common import ArrayLike, Classifier, InputNorm
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {}
 _POSITIONAL = ("num_classes", "image_size")
 
 
@@ -26,16 +29,23 @@ class UnknownNetError(ValueError):
     """A model name nobody registered."""
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder(num_classes, image_size, **options)` under `name`."""
+def register(name: str, train: dict[str, object] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(num_classes, image_size, **options)` under `name`, with
+    `train`, its training defaults (e.g. {"lr": 0.05, "epochs": 16}: `train.*` keys)."""
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = builder
+        _TRAIN_DEFAULTS[name] = dict(train or {})
         return builder
 
     return decorator
+
+
+def train_defaults(name: str) -> dict[str, object]:
+    """The `train.*` values model `name` trains well with on the default data ({} if unknown)."""
+    return dict(_TRAIN_DEFAULTS.get(name, {}))
 
 
 def names() -> list[str]:

@@ -49,11 +49,12 @@ def _guard(action: Callable[[], Any]) -> None:
 
 def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
     """Load and check params.yaml (+ overrides), then run `stage` under `_guard`."""
-    from stages.engine.model import check_model_params  # imports the model registry
+    import nets
+    from stages.engine.model import check_model_params
 
     def action() -> None:
         try:
-            p = load(params, overrides)
+            p = load(params, overrides, defaults=nets.train_defaults)
             check_model_params(p)  # every command checks the model choice before any work
             stage(p)
         except ParamsError as err:
@@ -180,13 +181,24 @@ def results(
 
 
 @app.command()
-def models() -> None:
-    """List the registered models and their options (set them under `nets.<model>`)."""
+def models(params: Path = PARAMS) -> None:
+    """List the models: their options (builder defaults, with the values params.yaml sets under
+    `nets.<model>` marked *) and their training defaults (what each `train.*` key params.yaml
+    leaves null becomes)."""
     import nets
 
+    try:
+        configured = load(params).nets
+    except ParamsError:
+        configured = {}
     for name in nets.names():
-        opts = ", ".join(f"{k}={v!r}" for k, v in nets.options(name).items())
-        typer.echo(f"{name:10s} {opts}")
+        set_here = configured.get(name, {})
+        opts = ", ".join(
+            f"{k}={set_here.get(k, v)!r}{'*' if k in set_here else ''}"
+            for k, v in nets.options(name).items()
+        )
+        tuned = ", ".join(f"{k}={v!r}" for k, v in nets.train_defaults(name).items())
+        typer.echo(f"{name:10s} options: {opts or '-'}\n{'':10s} train:   {tuned or '-'}")
 
 
 def _interrupt(signum: int, frame: Any) -> None:

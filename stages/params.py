@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,14 @@ class PreprocessParams:
         _check(0.0 < self.val_fraction < 1.0, "preprocess.val_fraction", "must be in (0, 1)")
         _check(8 <= self.image_size <= 1024, "preprocess.image_size", "must be in [8, 1024]")
         _check(self.workers >= 0, "preprocess.workers", "must be >= 0 (0 = every core)")
+
+
+# The train keys params.yaml leaves null: each model declares what it trains well with
+# (nets.train_defaults); train writes their values to out/train/params.json for `dvc exp show`.
+MODEL_TUNED = (
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
+    "label_smoothing", "memory_format",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -292,8 +301,18 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ParamsError(f"{key}: {message}")
 
 
-def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read params.yaml, apply `key.sub=value` overrides (YAML values), validate, return Params."""
+def load(
+    path: Path | str = "params.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: Callable[[str], dict[str, Any]] | None = None,
+) -> Params:
+    """Read params.yaml, apply `key.sub=value` overrides (YAML values), fill the `train` keys
+    left null, validate, return Params.
+
+    A null train key takes `defaults(model)[key]`, the selected model's training default
+    (`nets.train_defaults`, passed in by the CLI: this module does not import the nets), else
+    TrainParams' own default.
+    """
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root")
@@ -316,7 +335,23 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...
             if not isinstance(node, dict):
                 raise ParamsError(f"override {item!r}: {part} is not a section")
         node[leaf] = _yaml(raw)
+    _fill_nulls(data, defaults or (lambda model: {}))
     return from_dict(data)
+
+
+def _fill_nulls(data: dict[str, Any], defaults: Callable[[str], dict[str, Any]]) -> None:
+    """Replace each null under `train` by the model's training default, or drop it (so the
+    dataclass default applies)."""
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return
+    model = data.get("model", Params.model)
+    tuned = defaults(model) if isinstance(model, str) else {}
+    for key in [k for k, v in train.items() if v is None]:
+        if key in tuned:
+            train[key] = tuned[key]
+        else:
+            del train[key]
 
 
 def from_dict(data: dict[str, Any]) -> Params:

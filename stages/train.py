@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
-from stages.core.files import atomic_path
+from stages.core.files import atomic_path, write_json
 from stages.data.augment import center_crop
 from stages.data.datasets import DATASETS
 from stages.data.processed import Processed, digest, load_processed
@@ -37,7 +37,7 @@ from stages.engine.optim import make_optimizer
 from stages.engine.schedules import Schedule
 from stages.engine.state import RunState
 from stages.explain import histograms
-from stages.params import Params, flatten
+from stages.params import MODEL_TUNED, Params, flatten
 
 SYSTEM_METRICS_SECONDS = 5.0  # how often the run records CPU, memory (and GPU) use
 
@@ -312,12 +312,13 @@ def _inference(p: Params, data: Processed, speed: Speed, s: RunState) -> checkpo
 
 
 def _finish(p: Params, data: Processed, speed: Speed, s: RunState) -> None:
-    """The stage's outputs, written once: model.pt, then history.csv, then last.pt marked
+    """The stage's outputs, written once: model.pt, history.csv and params.json, then last.pt marked
     complete (a kill in between resumes straight to here); the MLflow artifacts and model."""
     s.complete = True
     model = _inference(p, data, speed, s).to_dict()
     checkpoint.save(paths.CHECKPOINT, model)
     _write_history(s.history)
+    write_json(paths.TRAIN_PARAMS, {k: getattr(p.train, k) for k in MODEL_TUNED})
     checkpoint.save(paths.LAST, model | s.state_dict())
     with tracking.shielded():
         mlflow.log_artifact(str(paths.HISTORY))

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from train_helpers import make_processed
 
+import nets
 from stages import params
 from stages import train as train_module
 from stages.data.datasets import DATASETS
@@ -26,14 +27,14 @@ def overrides(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_validates(name):
-    p = params.load(REPO / "params.yaml", overrides(name))
+    p = params.load(REPO / "params.yaml", overrides(name), defaults=nets.train_defaults)
     assert p.model == RECIPES[name]["model"] and p.dataset in DATASETS
     assert yaml.safe_load((REPO / "params.yaml").read_text())  # untouched
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_trains_two_steps(name, tmp_path, monkeypatch):
-    p = params.load(REPO / "params.yaml", overrides(name) + TINY)
+    p = params.load(REPO / "params.yaml", overrides(name) + TINY, defaults=nets.train_defaults)
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
     size = p.train.crop_size + 2 * 4
     make_processed(tmp_path, n_train=8, n_val=4, size=size, k=4, dataset=p.dataset)

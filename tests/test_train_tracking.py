@@ -12,6 +12,7 @@ from stages import params
 from stages import train as train_module
 from stages.core import tracking
 from stages.data.processed import digest
+from stages.params import MODEL_TUNED
 
 
 @pytest.fixture
@@ -48,7 +49,10 @@ def test_run_is_named_tagged_and_logs_only_what_it_used(store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-pogo")
     monkeypatch.setattr(train_module, "SYSTEM_METRICS_SECONDS", 0.1)
     monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
-    train_module.train(params.load("params.yaml"))
+    p = params.load("params.yaml")
+    train_module.train(p)
+    used = json.loads((store / "out" / "train" / "params.json").read_text())  # DVC metrics
+    assert used == {k: getattr(p.train, k) for k in MODEL_TUNED} and used["lr"] == 0.05
 
     experiment = mlflow.get_experiment_by_name("convnet-pipeline")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

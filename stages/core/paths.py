@@ -9,13 +9,13 @@ OUT = Path("out")
 RAW = OUT / "raw"  # download: raw files, untouched
 FOLDER = "folder"  # dataset=folder: RAW/folder/<class>/* is the snapshot of your images
 PROCESSED = OUT / "processed"  # preprocess: packed uint8 arrays, labels, classes, mean image
-TRAIN = OUT / "train"  # train: checkpoint, per-epoch history, MLflow run id
+TRAIN = OUT / "train"  # train: checkpoint, per-epoch history, the train params it used
 EVALUATE = OUT / "evaluate"  # evaluate: metrics.json, confusion matrix, per-class accuracy
 PREDICTIONS = EVALUATE / "predictions.csv"  # evaluate: (actual, predicted) per image
 
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"
-RUN_INFO = TRAIN / "run.json"
+TRAIN_PARAMS = TRAIN / "params.json"  # the model-dependent train params as used (DVC metrics)
 REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, confused pairs
 LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate
 LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)

@@ -1,0 +1,64 @@
+"""Each model's training defaults fill the train keys params.yaml leaves null; a value the user
+sets wins; the seed presets keep the values they were published with."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import nets
+from stages import params
+from stages.params import MODEL_TUNED, TrainParams
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+BUILTIN = {f.name: f.default for f in dataclasses.fields(TrainParams)}
+sys.path.insert(0, str(REPO / "presets"))
+from args import RECIPES  # noqa: E402
+
+
+def load(*overrides: str) -> params.Params:
+    return params.load(PARAMS, list(overrides), defaults=nets.train_defaults)
+
+
+def test_params_yaml_leaves_exactly_the_model_tuned_keys_to_the_model():
+    train = yaml.safe_load(PARAMS.read_text())["train"]
+    assert sorted(k for k, v in train.items() if v is None) == sorted(MODEL_TUNED)
+    for name in nets.names():
+        assert set(nets.train_defaults(name)) <= set(MODEL_TUNED), name
+
+
+@pytest.mark.parametrize("model", nets.names())
+def test_selecting_a_model_applies_its_defaults_and_the_builtin_rest(model):
+    p = load(f"model={model}")
+    tuned = nets.train_defaults(model)
+    for key in MODEL_TUNED:
+        assert getattr(p.train, key) == tuned.get(key, BUILTIN[key]), (model, key)
+    assert p.tracked()["train.epochs"] == p.train.epochs  # what MLflow logs is the value used
+
+
+def test_a_value_the_user_sets_wins_over_the_model_default():
+    assert nets.train_defaults("resnet50")["lr"] != 0.2
+    p = load("model=resnet50", "train.lr=0.2")
+    assert p.train.lr == 0.2
+    assert p.train.batch_size == nets.train_defaults("resnet50")["batch_size"]
+    assert load("model=resnet50", "train.lr=null").train.lr == nets.train_defaults("resnet50")["lr"]
+
+
+def test_without_model_defaults_nulls_are_the_builtin_values():
+    p = params.load(PARAMS, ["model=resnet50"])
+    assert [getattr(p.train, k) for k in MODEL_TUNED] == [BUILTIN[k] for k in MODEL_TUNED]
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_presets_keep_their_own_values(name):
+    """A preset trains with the values it sets and otherwise the built-in defaults it was
+    written against: no model default and no small-image stem leaks into it."""
+    preset = RECIPES[name]
+    p = load(*(f"{k}={v}" for k, v in preset.items()))
+    for key in MODEL_TUNED:
+        assert getattr(p.train, key) == preset.get(f"train.{key}", BUILTIN[key]), (name, key)
+    if p.model.startswith("resnet"):
+        assert p.net_options["stem_stride"] == preset.get(f"nets.{p.model}.stem_stride", 1)
