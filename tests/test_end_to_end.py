@@ -24,11 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def sh(*cmd: str, cwd: Path, env: dict, timeout: int = 600) -> str:
+def sh(*cmd: str, cwd: Path, env: dict, timeout: int = 600, quiet: bool = False) -> str:
+    """Run `cmd`; its stdout. `quiet`: it must also print no warning (DVC's, Python's)."""
     result = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    if quiet:
+        said = result.stdout + result.stderr
+        assert "WARNING" not in said and "Warning:" not in said, f"{' '.join(cmd)}:\n{said}"
     return result.stdout
 
 
@@ -68,14 +72,18 @@ def runs(repo: Path) -> list:
 
 def test_repro_then_experiments_land_in_one_mlflow_store(repo):
     path, env = repo
-    sh("dvc", "repro", cwd=path, env=env)
+    sh("dvc", "repro", cwd=path, env=env, quiet=True)
+    # What the README says to do after `dvc repro`: commit the lock file and tracked metrics.
+    sh("git", "add", "dvc.lock", "out", cwd=path, env=env)
+    sh("git", "commit", "-q", "-m", "baseline", cwd=path, env=env)
     metrics = sh("dvc", "metrics", "show", cwd=path, env=env)
     assert "ten_crop.top1" in metrics and "single_crop.top1" in metrics
     for name in ("confusion_matrix.png", "predictions.csv"):
         assert (path / "out/evaluate" / name).stat().st_size > 0
     assert (path / "out/report/curves.png").stat().st_size > 0  # the learning curves
 
-    sh("dvc", "exp", "run", "-S", "model=mlp", cwd=path, env=env)
+    sh("dvc", "exp", "run", "-S", "model=mlp", cwd=path, env=env, quiet=True)
+    assert sh("git", "status", "--porcelain", cwd=path, env=env) == ""  # nothing rewritten
     sh("dvc", "exp", "run", "--queue", "-S", "model=logreg,mlp", "-S", "train.epochs=1",
        cwd=path, env=env)  # fmt: skip
     sh("dvc", "queue", "start", "-j", "2", cwd=path, env=env)
@@ -90,11 +98,16 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
     rows = [line for line in table.splitlines() if "──" in line]  # one per experiment
     assert len(rows) == 3 and "ten_crop.top1" in table
     assert not [row for row in rows if "!" in row], table  # "!": metrics missing from a commit
+    compact = sh("dvc", "exp", "show", "--no-pager", "--md", "--only-changed", "--drop",
+                 "stages|nets|out/(raw|processed)", cwd=path, env=env)  # fmt: skip
+    assert "stages/train.py" not in compact and "model" in compact and "ten_crop.top1" in compact
 
     found, client = runs(path)
     assert len(found) == 4, [r.info.run_name for r in found]
     assert all(r.info.status == "FINISHED" for r in found)
-    assert sorted(r.info.run_name for r in found) == ["logreg", "logreg", "mlp", "mlp"]
+    names = [r.info.run_name for r in found]
+    assert len(set(names)) == 4 and "digits/logreg" in names, names  # told apart by DVC exp
+    assert sum(n.startswith("digits/mlp/") for n in names) == 2, names
     queued = [r for r in found if r.data.params["train.epochs"] == "1"]
     assert len(queued) == 2 and all(r.data.tags["dvc_exp_name"] for r in queued)
     for run in found:
@@ -106,6 +119,12 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
         assert "evaluate/confusion_matrix.png" in artifacts
         mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
-        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+        [logged] = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        )
+        assert logged.name == f"digits-{run.data.tags['model']}"
+        model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
         probs = model(torch.rand(3, 3, 28, 28)).softmax(-1)  # any batch size, the crop size
         assert probs.shape == (3, 10)
