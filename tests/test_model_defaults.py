@@ -62,3 +62,17 @@ def test_presets_keep_their_own_values(name):
         assert getattr(p.train, key) == preset.get(f"train.{key}", BUILTIN[key]), (name, key)
     if p.model.startswith("resnet"):
         assert p.net_options["stem_stride"] == preset.get(f"nets.{p.model}.stem_stride", 1)
+
+
+def test_models_command_lists_options_as_configured_and_training_defaults(monkeypatch):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(REPO)
+    out = CliRunner().invoke(app, ["models"]).output
+    lines = out.splitlines()
+    resnet50 = lines.index(next(line for line in lines if line.startswith("resnet50")))
+    assert "stem_stride=4*" in lines[resnet50]  # params.yaml's value, marked as set there
+    tuned = nets.train_defaults("resnet50")
+    assert f"lr={tuned['lr']!r}" in lines[resnet50 + 1] and "train:" in lines[resnet50 + 1]
