@@ -57,7 +57,8 @@ def resnet34(
 
 
 # Bottlenecks: more epochs, a larger rate, label smoothing, and contiguous tensors (with
-# channels_last its 1x1 convs at these map sizes run at 10-20 img/s on a CPU, not ~180).
+# channels_last its 1x1 convs at these map sizes run at 10-20 img/s on a CPU, not ~180; on a
+# GPU set train.memory_format=auto, which picks channels_last there).
 @register(
     "resnet50",
     train=SMALL_IMAGES

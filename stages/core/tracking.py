@@ -23,8 +23,8 @@ import mlflow
 EXPERIMENT = "convnet-pipeline"
 # System metrics are sampled during training; their monitor's start/stop notes are not news.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-# `mlflow.experimentKind` tells MLflow 3's UI this is model training: the experiment page reads
-# "Training runs" and leaves out its GenAI pages (traces, prompts, judges).
+# MLflow 3 reads `mlflow.experimentKind` to tell model-training experiments from GenAI ones;
+# the description (`mlflow.note.content`) heads the experiment's page.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": (
