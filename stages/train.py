@@ -39,8 +39,6 @@ from stages.engine.state import RunState
 from stages.explain import histograms
 from stages.params import MODEL_TUNED, Params, flatten
 
-SYSTEM_METRICS_SECONDS = 5.0  # how often the run records CPU, memory (and GPU) use
-
 
 def _write_history(rows: list[dict]) -> None:
     with atomic_path(paths.HISTORY) as tmp, open(tmp, "w", newline="") as f:
@@ -140,15 +138,12 @@ def _mlflow_run(d: Dist, run_id: str | None, p: Params) -> contextlib.AbstractCo
         except mlflow.exceptions.MlflowException:
             print(f"train: MLflow run {run_id} is not in this store; starting a new run")
             run_id = None
-    # CPU and memory use (and the GPU's, with nvidia-ml-py) beside the epochs.
-    mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
-    mlflow.system_metrics.set_system_metrics_samples_before_logging(1)
     if run_id:
-        return tracking.run(run_id=run_id, log_system_metrics=True)
+        return tracking.run(run_id=run_id)
     return tracking.run(
-        run_name=tracking.run_name(p.dataset, p.model), log_system_metrics=True,
+        run_name=tracking.run_name(p.dataset, p.model),
         tags=tracking.run_tags(p.dataset, p.model, source="stages/train.py"),
-    )  # fmt: skip
+    )
 
 
 def train(p: Params) -> dict[str, float]:
@@ -184,6 +179,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
         if d.main:
             s.mlflow_run_id = run.info.run_id
             _log_start(p, e, data, resumed_from=s.epoch if saved is not None else None)
+            tracking.system_metrics(device)  # starts the CPU-use interval of the first epoch
         saved = s.epoch  # the epoch last.pt holds
         try:
             for epoch in range(s.epoch + 1, t.epochs + 1):
@@ -196,7 +192,7 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
                 improved = s.end_epoch(epoch, row)
                 if d.main:
                     with tracking.shielded():
-                        mlflow.log_metrics(row, step=epoch)
+                        mlflow.log_metrics(row | tracking.system_metrics(device), step=epoch)
                     state = _inference(p, data, e.speed, s).to_dict() | s.state_dict()
                     checkpoint.save(paths.LAST, state)
                     saved = epoch

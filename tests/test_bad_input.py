@@ -504,7 +504,16 @@ def test_a_link_out_of_the_data_folder_is_not_followed(template, tmp_path):
 def test_a_batch_larger_than_the_data_counts_the_images_it_saw(template, tmp_path):
     """40 training images in one 100,000 batch: loss, top-1 and images/s are per image seen."""
     root = workspace(template, tmp_path)
-    args = ["-S", "train.epochs=2", "-S", "model=mlp", "-S", "train.lr=0.001"]
+    args = [
+        "-S",
+        "train.epochs=2",
+        "-S",
+        "model=mlp",
+        "-S",
+        "train.optimizer=sgd",
+        "-S",
+        "train.lr=0.001",
+    ]
     big = run(root, "train", "-S", "train.batch_size=100000", *args)
     assert big.returncode == 0, big.stderr
     rows = list(csv.DictReader((root / "out/train/history.csv").read_text().splitlines()))

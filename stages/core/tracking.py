@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import signal
 import subprocess
@@ -19,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import psutil
+import torch
 
 EXPERIMENT = "convnet-pipeline"
-# System metrics are sampled during training; their monitor's start/stop notes are not news.
-logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 # MLflow 3 reads `mlflow.experimentKind` to tell model-training experiments from GenAI ones;
 # the description (`mlflow.note.content`) heads the experiment's page.
 EXPERIMENT_TAGS = {
@@ -102,6 +101,32 @@ def run_tags(dataset: str, model: str, source: str) -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
     }
+
+
+def system_metrics(device: torch.device) -> dict[str, float]:
+    """CPU use since the last call, memory in use, and on CUDA the GPU's peak memory since the
+    last call and its utilisation: MLflow's `system/` metrics (its UI groups them apart).
+
+    The training loop logs them once per epoch, from the main thread, instead of through
+    MLflow's own monitor (`log_system_metrics`): that thread writes to the sqlite store beside
+    the main thread, and a SIGTERM while both wrote left the store locked and the run RUNNING.
+    """
+    memory = psutil.virtual_memory()
+    metrics = {
+        "system/cpu_utilization_percentage": psutil.cpu_percent(),  # since the last call
+        "system/system_memory_usage_megabytes": (memory.total - memory.available) / 2**20,
+        "system/system_memory_usage_percentage": memory.percent,
+        "system/process_memory_megabytes": psutil.Process().memory_info().rss / 2**20,
+    }
+    if device.type == "cuda":
+        i = torch.cuda.current_device() if device.index is None else device.index
+        metrics[f"system/gpu_{i}_memory_usage_megabytes"] = (
+            torch.cuda.max_memory_reserved(i) / 2**20
+        )
+        torch.cuda.reset_peak_memory_stats(i)
+        with contextlib.suppress(Exception):  # needs nvidia-ml-py and a driver that answers
+            metrics[f"system/gpu_{i}_utilization_percentage"] = float(torch.cuda.utilization(i))
+    return metrics
 
 
 @contextlib.contextmanager
