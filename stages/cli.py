@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from stages.core.errors import Interrupted, ParamsError, PipelineError
+from stages.core.errors import Interrupted, ParamsError, PipelineError, on_signal
 from stages.params import Params, load
 
 app = typer.Typer(
@@ -201,15 +201,11 @@ def models(params: Path = PARAMS) -> None:
         typer.echo(f"{name:10s} options: {opts or '-'}\n{'':10s} train:   {tuned or '-'}")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
 def main() -> None:
     # Ctrl-C and SIGTERM (`dvc queue kill`) unwind like an exception, so the MLflow run is
     # marked FAILED and temporary files are removed instead of being left behind.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     app(prog_name="convnet")
 
 

@@ -587,8 +587,8 @@ def test_numbers_in_scientific_notation_are_numbers(template, tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(
         yaml.safe_dump(params)
-        .replace("lr: 0.01", "lr: 1e-2")
-        .replace("weight_decay: 0.0005", "weight_decay: 5e-4")
+        .replace("lr: null", "lr: 1e-2")
+        .replace("weight_decay: null", "weight_decay: 5e-4")
     )
     assert "lr: 1e-2" in (root / "params.yaml").read_text()
     from stages.params import load

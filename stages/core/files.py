@@ -74,10 +74,10 @@ def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
     if need:
         check_space(path, need)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; results should read like any file
-    try:
+    try:  # from the first statement on: a Ctrl-C at any point still removes the file
+        os.close(fd)
+        tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; results read like any file
         with _disk_full_is_one_line(path, need):
             yield tmp_path
         os.replace(tmp_path, path)

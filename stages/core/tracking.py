@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import psutil
 import torch
+
+from stages.core.errors import held
 
 EXPERIMENT = "convnet-pipeline"
 # MLflow 3 reads `mlflow.experimentKind` to tell model-training experiments from GenAI ones;
@@ -129,23 +129,15 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return metrics
 
 
-@contextlib.contextmanager
-def shielded() -> Iterator[None]:
+def shielded() -> contextlib.AbstractContextManager[None]:
     """Hold Ctrl-C and SIGTERM until the block ends; wrap every write to the MLflow store.
 
     An interrupt raised inside a write would leave the sqlite store's transaction open (its
     session rolls back on Exception only, and interrupts are BaseExceptions): the store stays
-    locked and the run could not even be marked FAILED. Held, the signal is delivered the
+    locked and the run could not even be marked FAILED. Held, the interrupt is raised the
     moment the block ends.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return held()
 
 
 @contextlib.contextmanager
