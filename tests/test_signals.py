@@ -19,13 +19,12 @@ def handler():
 
 def test_a_signal_inside_a_held_block_is_raised_when_the_block_ends(handler):
     steps = []
-    with pytest.raises(Interrupted) as caught:
-        with errors.held():
-            with errors.held():  # nested: only the outermost end raises
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)  # the handler has run by now
-                steps.append("inner")
-            steps.append("outer")
+    with pytest.raises(Interrupted) as caught, errors.held():
+        with errors.held():  # nested: only the outermost end raises
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now
+            steps.append("inner")
+        steps.append("outer")
     assert steps == ["inner", "outer"] and caught.value.signum == signal.SIGTERM
 
 
