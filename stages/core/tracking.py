@@ -108,8 +108,8 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     last call and its utilisation: MLflow's `system/` metrics (its UI groups them apart).
 
     The training loop logs them once per epoch, from the main thread, instead of through
-    MLflow's own monitor (`log_system_metrics`): that thread writes to the sqlite store beside
-    the main thread, and a SIGTERM while both wrote left the store locked and the run RUNNING.
+    MLflow's own monitor (`log_system_metrics`), a thread that writes to the sqlite store every
+    few seconds beside the main thread's writes: one writer, and the values line up with epochs.
     """
     memory = psutil.virtual_memory()
     metrics = {
