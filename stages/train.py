@@ -26,6 +26,7 @@ from stages.core.errors import Interrupted
 from stages.core.files import atomic_path, write_json
 from stages.data.augment import center_crop
 from stages.data.datasets import DATASETS
+from stages.data.fetch import candidate_urls
 from stages.data.processed import Processed, digest, load_processed
 from stages.engine import distributed, pretrained
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
@@ -78,13 +79,8 @@ def _log_model(model: nn.Module, p: Params, classes: list[str]) -> None:
 def _log_data(p: Params, data: Processed) -> None:
     """The training and validation sets as MLflow dataset inputs: the UI's Dataset column."""
     spec = DATASETS[p.dataset]
-    if spec.files:  # where download fetches it (or the mirror params name)
-        name = spec.files[0].name
-        source = (
-            f"{p.download.mirror.rstrip('/')}/{name}"
-            if p.download.mirror
-            else spec.files[0].urls[0]
-        )
+    if spec.files:  # where download fetches it first (the mirror, when params name one)
+        source = candidate_urls(spec.files[0], p.download.mirror)[0]
     elif p.dataset == "folder":
         source = str((tracking.root() / p.download.data_dir / p.download.folder).resolve())
     else:  # made by preprocess itself
