@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from stages.core.errors import ParamsError
-from stages.data.datasets import DATASETS
+from stages.data.sources import SOURCES
 
 # What train.device and every --device accept.
 DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"
@@ -255,18 +255,11 @@ class Params:
         # by stages.engine.model.check_model_params (the CLI calls it right after loading):
         # keeping the registry out of this module keeps it out of the stages that never build
         # a model, so editing a net reruns only the stages that use it.
-        _check(self.dataset in DATASETS, "dataset", f"must be one of: {', '.join(DATASETS)}")
-        size = DATASETS[self.dataset].image_size or self.preprocess.image_size
-        if self.dataset == "shapes":
-            # Circles need room: half the image area at most, or placing them fails.
-            s = self.preprocess.shapes
-            area = s.max_count * 3.15 * (s.max_radius + 1) ** 2
-            _check(
-                area <= 0.5 * size**2 and 2 * s.max_radius + 2 < size,
-                "preprocess.shapes",
-                f"{s.max_count} circles of radius {s.max_radius} do not fit in {size}x{size}"
-                " images; lower max_count or max_radius, or raise preprocess.image_size",
-            )
+        _check(self.dataset in SOURCES, "dataset", f"must be one of: {', '.join(SOURCES)}")
+        source = SOURCES[self.dataset]
+        if source.check is not None:  # what only this dataset needs (shapes: circles must fit)
+            source.check(self)
+        size = source.image_size or self.preprocess.image_size
         _check(
             self.train.crop_size <= size + 2 * self.train.pad,
             "train.crop_size",

@@ -25,9 +25,9 @@ from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
 from stages.core.files import atomic_path, write_json
 from stages.data.augment import center_crop
-from stages.data.datasets import DATASETS
-from stages.data.fetch import candidate_urls
-from stages.data.processed import Processed, digest, load_processed
+from stages.data.processed import Processed, load_processed
+from stages.data.sources import SOURCES
+from stages.data.writer import digest
 from stages.engine import distributed, pretrained
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.distributed import Dist
@@ -78,13 +78,16 @@ def _log_model(model: nn.Module, p: Params, classes: list[str]) -> None:
 
 def _log_data(p: Params, data: Processed) -> None:
     """The training and validation sets as MLflow dataset inputs: the UI's Dataset column."""
-    spec = DATASETS[p.dataset]
-    if spec.files:  # where download fetches it first (the mirror, when params name one)
-        source = candidate_urls(spec.files[0], p.download.mirror)[0]
-    elif p.dataset == "folder":
-        source = str((tracking.root() / p.download.data_dir / p.download.folder).resolve())
-    else:  # made by preprocess itself
+    spec = SOURCES[p.dataset]
+    # Where download fetches it first (the mirror, when params name one), your folder, or the
+    # code that made it.
+    origin = spec.origin(p.download)
+    if origin is None:
         source = CodeDatasetSource({"description": spec.description})
+    elif "://" in origin:
+        source = origin
+    else:
+        source = str((tracking.root() / origin).resolve())
     digests = data.info.get("digests", {})  # data made before digests were recorded: compute
     for split, context in (("train", "training"), ("val", "validation")):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")

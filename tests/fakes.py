@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from stages.data.datasets import RemoteFile
+from stages.data.sources import RemoteFile
 
 
 @dataclass
@@ -234,3 +234,9 @@ def mnist_files(seed: int = 0, train: int = 12, test: int = 5) -> dict[str, tupl
         head = (0x801).to_bytes(4, "big") + n.to_bytes(4, "big")
         out[f"{prefix}-labels-idx1-ubyte.gz"] = (gzip.compress(head + labels.tobytes()), labels)
     return out
+
+
+def tar_members(archive: bytes) -> dict[str, bytes]:
+    """name -> bytes of every file in a .tar.gz (what extracting it gives)."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}

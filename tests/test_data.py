@@ -8,8 +8,9 @@ import torch
 
 import nets
 from stages.data.augment import augment, center_crop, crop_flip, ten_crop
+from stages.data.sources.base import pad_and_stack
+from stages.data.writer import ProcessedWriter, digest
 from stages.engine.inference import predict_proba, topk_accuracy
-from stages.preprocess import channel_std, mean_image, pad_and_stack
 
 
 def coords(h: int = 8, w: int = 8) -> torch.Tensor:
@@ -29,32 +30,50 @@ def test_pad_and_stack_centres_and_copies_to_three_channels():
     assert (out[:, border] == 0).all()
 
 
-def test_mean_image_and_std_exact():
+def _statistics(tmp_path, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The writer's mean image and info for `images` as the training set."""
+    out = ProcessedWriter(tmp_path)
+    labels = np.arange(len(images)) % 2
+    out.array("train", images, labels)
+    out.array("val", images[:2], labels[:2])
+    info = out.finish(["a", "b"], "digits", {})
+    return np.load(tmp_path / "mean.npy"), info
+
+
+def test_mean_image_std_and_digest_exact(tmp_path, monkeypatch):
+    import stages.data.writer as writer
+
+    monkeypatch.setattr(writer, "SCAN_ROWS", 2)  # chunks must add up like one pass
     images = np.zeros((3, 2, 2, 3), np.uint8)
     images[0] = 30
     images[1, 0, 0] = 90
-    mean = mean_image(images, chunk=2)  # chunks must add up like one pass
+    mean, info = _statistics(tmp_path, images)
     expected = np.full((2, 2, 3), 10.0, np.float32)
     expected[0, 0] = 40.0
     np.testing.assert_allclose(mean, expected)
     values = images[..., 0].astype(float).ravel()
-    np.testing.assert_allclose(channel_std(images, chunk=1)[0], values.std(), rtol=1e-9)
+    np.testing.assert_allclose(info["std"][0], values.std(), rtol=1e-9)
+    # The digest read back from the file equals the one of the arrays in memory.
+    assert info["digests"]["train"] == digest(images, np.arange(3) % 2)
+    assert info["digests"]["val"] == digest(images[:2], np.arange(2) % 2)
 
 
-def test_mean_and_std_need_no_image_sized_temporaries():
+def test_statistics_need_no_image_sized_temporaries(tmp_path):
     # numpy reports its array allocations to tracemalloc: the statistics of a 12 MB set must
     # not allocate a float copy of it (Tiny ImageNet's 1.4 GB arrays leave no room for one).
     images = np.random.default_rng(0).integers(0, 256, (4000, 32, 32, 3), dtype=np.uint8)
+    out = ProcessedWriter(tmp_path)
+    out.array("train", images, np.zeros(len(images), np.int64))
+    out.array("val", images[:10], np.zeros(10, np.int64))
     tracemalloc.start()
     try:
-        mean_image(images)
-        channel_std(images)
+        info = out.finish(["a"], "digits", {})
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < images.nbytes / 2
     values = images.reshape(-1, 3).astype(np.float64)
-    np.testing.assert_allclose(channel_std(images), values.std(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(info["std"], values.std(axis=0), rtol=1e-9)
 
 
 def test_crop_flip_takes_the_requested_window():

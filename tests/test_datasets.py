@@ -15,12 +15,14 @@ from scipy import ndimage
 from stages.core.errors import PipelineError
 from stages.data import fetch
 from stages.data import images as imaging
-from stages.data.datasets import DATASETS
 from stages.data.fetch import UnsafeArchiveError
-from stages.data.shapes import counting_set
+from stages.data.sources import SOURCES, LayoutError
+from stages.data.sources.base import pad_and_stack
+from stages.data.sources.shapes import counting_set
+from stages.data.writer import BadImagesError
 from stages.download import download
 from stages.params import ParamsError, from_dict
-from stages.preprocess import BadImagesError, LayoutError, pad_and_stack, preprocess
+from stages.preprocess import preprocess
 from tests import fakes
 from tests.fakes import Route, closed_port_url, serve
 
@@ -38,9 +40,9 @@ def workspace(tmp_path, monkeypatch):
 
 def use_files(monkeypatch, dataset: str, files: dict[str, bytes]) -> None:
     """Point the table's entry at fabricated files (same names, their own checksums)."""
-    spec = DATASETS[dataset]
+    spec = SOURCES[dataset]
     entries = tuple(fakes.remote(f.name, files[f.name]) for f in spec.files)
-    monkeypatch.setitem(DATASETS, dataset, dataclasses.replace(spec, files=entries))
+    monkeypatch.setitem(SOURCES, dataset, dataclasses.replace(spec, files=entries))
 
 
 def params(dataset: str, mirror: str = "", **preprocess):

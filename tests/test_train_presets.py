@@ -11,7 +11,7 @@ from train_helpers import make_processed
 import nets
 from stages import params
 from stages import train as train_module
-from stages.data.datasets import DATASETS
+from stages.data.sources import SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "presets"))
@@ -28,7 +28,7 @@ def overrides(name: str) -> list[str]:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_validates(name):
     p = params.load(REPO / "params.yaml", overrides(name), defaults=nets.train_defaults)
-    assert p.model == RECIPES[name]["model"] and p.dataset in DATASETS
+    assert p.model == RECIPES[name]["model"] and p.dataset in SOURCES
     assert yaml.safe_load((REPO / "params.yaml").read_text())  # untouched
 
 

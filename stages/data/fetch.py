@@ -28,11 +28,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from stages.core.errors import PipelineError
-from stages.data.datasets import RemoteFile
+
+if TYPE_CHECKING:  # the sources import this module (folder copies your images with copy_tree)
+    from stages.data.sources.base import RemoteFile
 
 BACKOFF_S = 1.0  # first wait between attempts; doubles each time (tests set it to 0)
 CHUNK = 1 << 20
@@ -67,13 +70,6 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def candidate_urls(remote: RemoteFile, mirror: str) -> list[str]:
-    """Addresses to try in order: the mirror alone when one is set, else the official ones."""
-    if mirror:
-        return [mirror.rstrip("/") + "/" + remote.name]
-    return list(remote.urls)
-
-
 def fetch(
     remote: RemoteFile,
     dest_dir: Path,
@@ -102,7 +98,7 @@ def fetch(
     part = dest_dir / (remote.name + ".part")
     failures: list[str] = []
     unreachable = 0
-    urls = candidate_urls(remote, mirror)
+    urls = remote.addresses(mirror)
     for url in urls:
         try:
             _download(url, part, remote, retries=retries, timeout=timeout)

@@ -1,14 +1,15 @@
-"""Reading image files: `read_image`, the one reader of a single file, and `decode_files`, many
-files into one packed uint8 array, in parallel over the available cores.
+"""Reading image files: `read_image`, the one reader of a single file, and `decode_blocks`, many
+files into packed uint8 blocks, in parallel over the available cores.
 
 `read_image` is how an image file of any size and mode becomes a stored-size array: preprocess
-uses it for your own image folders (`decode_files(..., fit=True)`), `predict` and `submit` for
+uses it for your own image folders (`decode_blocks(..., fit=True)`), `predict` and `submit` for
 the files they classify, so the model sees the same pixels in training and afterwards.
 
-decode_files is used by preprocess (Tiny ImageNet's 120,000 JPEGs, your own image folders) and by
-benchmarks/preprocess_decode.py. Workers are processes (each decodes a chunk of files and sends
-back one (n, size, size, 3) block); the parent copies each block into the preallocated result,
-so the peak is the result plus a few chunks in flight.
+decode_blocks is how preprocess decodes many files (Tiny ImageNet's 120,000 JPEGs, your own image
+folders): worker processes each decode a chunk of files and send back one (n, size, size, 3)
+block, which preprocess writes straight into its output file (stages.data.writer), so memory
+holds a few chunks in flight whatever the number of files. decode_files collects the blocks into
+one array in memory, for small sets and benchmarks/preprocess_decode.py.
 
 Complete JPEGs that need no resizing (Tiny ImageNet) go through torchvision.io.decode_jpeg, a
 whole chunk per call: the same libjpeg-turbo as PIL, identical pixels (checked by the tests and
@@ -23,8 +24,9 @@ import contextlib
 import io
 import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +122,7 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     """The image file at `path` as (size, size, 3) uint8, exactly as preprocess stores it.
 
     The one reader of image files of any size and mode: preprocess (`folder` datasets, through
-    decode_files with fit=True), `predict` and `submit` all go through it, so a file reaches the
+    decode_blocks with fit=True), `predict` and `submit` all go through it, so a file reaches the
     model with the same pixels in training and afterwards. JPEGs are decoded at a reduced scale
     when that still covers `size` (libjpeg's draft mode), the EXIF orientation is applied,
     transparency is composited on white, grey/palette/CMYK become RGB, then the short side is
@@ -175,6 +177,12 @@ def _decode_chunk(
 
 
 def _worker_init() -> None:
+    # The workers are forked from the CLI, whose SIGINT/SIGTERM handler raises Interrupted: in a
+    # worker that printed a traceback when the pool was shut down (terminate sends SIGTERM).
+    # SIGTERM ends a worker quietly; Ctrl-C reaches the whole process group, and the parent
+    # alone handles it, stopping the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker process: the processes are the parallelism.
     try:
         import torch
@@ -182,6 +190,47 @@ def _worker_init() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+Block = tuple[int, np.ndarray, list[tuple[int, str]]]  # (first index, images, [(index, why)])
+
+
+def decode_blocks(
+    files: Sequence[str | Path], size: int, *, fit: bool = False, workers: int = 0,
+    desc: str = "decode",
+) -> Iterator[Block]:  # fmt: skip
+    """Decode `files` with `workers` processes (0 = all cores), a chunk at a time, in any order:
+    yields (start, images (n, size, size, 3) uint8, bad) where images[i] is files[start + i] and
+    `bad` lists (index, reason) for the files that could not be decoded (their rows are zeros).
+    A progress bar with its ETA shows on a terminal."""
+    from tqdm import tqdm
+
+    with contextlib.suppress(ImportError):
+        import torchvision.io  # noqa: F401  (imported once here, inherited by forked workers)
+
+    names = [str(f) for f in files]
+    tasks = [(s, names[s : s + CHUNK], size, fit) for s in range(0, len(names), CHUNK)]
+    workers = min(workers or available_cores(), len(tasks))
+    with tqdm(total=len(names), desc=desc, unit="img", disable=None) as bar:
+        if workers <= 1:
+            for task in tasks:
+                block = _decode_chunk(task)
+                bar.update(len(block[1]))
+                yield block
+            return
+        # fork (Linux) starts workers in milliseconds; elsewhere fork is unsafe, so spawn.
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = ctx.Pool(workers, initializer=_worker_init)
+        try:
+            for block in pool.imap_unordered(_decode_chunk, tasks):
+                bar.update(len(block[1]))
+                yield block
+        except BaseException:  # an error, an interrupt, or the caller stopped reading
+            pool.terminate()
+            pool.join()
+            raise
+        pool.close()  # every task done: the workers exit on their own
+        pool.join()
 
 
 def decode_files(
@@ -192,47 +241,17 @@ def decode_files(
     workers: int = 0,
     desc: str = "decode",
 ) -> Decoded:
-    """Decode `files` into (N, size, size, 3) uint8 with `workers` processes (0 = all cores).
+    """Decode `files` into one (N, size, size, 3) uint8 array in memory (for a few thousand
+    images; preprocess writes blocks straight to disk instead, stages.data.writer).
 
     Files that fail to decode are listed in `.bad` and left out of `.images`; the caller decides
     whether that is fatal.
     """
-    from tqdm import tqdm
-
-    with contextlib.suppress(ImportError):
-        import torchvision.io  # noqa: F401  (imported once here, inherited by forked workers)
-
-    names = [str(f) for f in files]
-    out = np.empty((len(names), size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
-    tasks = [(s, names[s : s + CHUNK], size, fit) for s in range(0, len(names), CHUNK)]
-    workers = min(workers or available_cores(), len(tasks))
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
     bad: list[tuple[int, str]] = []
-    bar = tqdm(total=len(names), desc=desc, unit="img", disable=None)
-    if workers <= 1:
-        results = map(_decode_chunk, tasks)
-        pool = None
-    else:
-        # fork (Linux) starts workers in milliseconds; elsewhere fork is unsafe, so spawn.
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ctx.Pool(workers, initializer=_worker_init)
-        results = pool.imap_unordered(_decode_chunk, tasks)
-    try:
-        for start, block, block_bad in results:
-            out[start : start + len(block)] = block
-            bad.extend(block_bad)
-            bar.update(len(block))
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    for start, block, block_bad in decode_blocks(files, size, fit=fit, workers=workers, desc=desc):
+        out[start : start + len(block)] = block
+        bad += block_bad
     bad.sort()
-    kept = np.arange(len(names))
-    if bad:
-        kept = np.setdiff1d(kept, [i for i, _ in bad])
-        # Compact in place (no second full-size array): bad files are few.
-        for dst, src in enumerate(kept):
-            if dst != src:
-                out[dst] = out[src]
-        out = out[: len(kept)]
-    return Decoded(images=out, kept=kept, bad=[(names[i], why) for i, why in bad])
+    kept = np.setdiff1d(np.arange(len(files)), [i for i, _ in bad])
+    return Decoded(images=out[kept], kept=kept, bad=[(str(files[i]), why) for i, why in bad])

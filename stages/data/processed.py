@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +51,6 @@ class Processed:
                 f" {paths.PROCESSED} holds ({self.info.get('dataset')}, {len(self.classes)}"
                 " classes); run `dvc repro` so the model and the data match"
             )
-
-
-def digest(images: np.ndarray, labels: np.ndarray) -> str:
-    """md5 of a split's pixels and labels: MLflow's dataset digest (its own hashes only the
-    first 10,000 values and copies the whole array to do so)."""
-    md5 = hashlib.md5()
-    for array in (images, labels):
-        md5.update(str((array.shape, array.dtype.str)).encode())
-        for start in range(0, len(array), 4096):  # memory-mapped sets: a slice at a time
-            md5.update(np.ascontiguousarray(array[start : start + 4096]).data)
-    return md5.hexdigest()
 
 
 def _differences(made: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
