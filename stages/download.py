@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from stages.core import paths
+from stages.core.errors import PipelineError
 from stages.core.files import atomic_dir
 from stages.data.fetch import OfflineError, copy_tree, extract, fetch, where_to_put
 from stages.data.sources import SOURCES, Source
@@ -38,17 +39,22 @@ def _official(source: Source, dest: Path, d: DownloadParams) -> None:
     """The official files: archives in data_dir (checksum), else the extracted layout there
     (structure), else downloaded; archives extracted into `dest`, other files copied."""
     data_dir = Path(d.data_dir)
-    have_archives = all((data_dir / r.name).is_file() for r in source.files)
+    have_archives = source.files and all((data_dir / r.name).is_file() for r in source.files)
     found = None if have_archives or source.extracted is None else source.extracted(data_dir)
     if found:
         for path in found:
             if path.is_dir():
                 copy_tree(path, dest / path.name, inside=data_dir)
+            elif path.name.endswith(ARCHIVES):
+                extract(path, dest)
             else:
                 shutil.copyfile(path, dest / path.name)
-        shown = ", ".join(str(path) for path in found)
-        print(f"download: using the extracted copy {shown} (official structure)")
+        print(f"download: using {', '.join(str(path) for path in found)} from {data_dir}/")
         return
+    if not source.files:
+        raise PipelineError(
+            f"{data_dir}: the files of {source.name} are not there; {source.manual}"
+        )
     scratch = dest / ".archives"
     for path in _fetch_all(source, scratch, d):
         if path.name.endswith(ARCHIVES):

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stages.core.errors import PipelineError
 from stages.data import fetch
 from stages.data import images as imaging
-from stages.data.sources import MODULES, SOURCES, NotOfficialError, cifar10, mnist, tiny_imagenet
+from stages.data.sources import (
+    MODULES,
+    SOURCES,
+    NotOfficialError,
+    cifar10,
+    imagenet64,
+    mnist,
+    tiny_imagenet,
+)
 from stages.data.sources.base import pad_and_stack
 from stages.download import download
 from stages.params import from_dict
@@ -34,7 +44,7 @@ def workspace(tmp_path, monkeypatch):
 
 def offline(dataset: str):
     """Params whose every network access fails: only data/ can provide the files."""
-    crop = {"tiny-imagenet": 56}.get(dataset, 28)
+    crop = {"tiny-imagenet": 56, "imagenet64": 56}.get(dataset, 28)
     return from_dict(
         {
             "dataset": dataset,
@@ -56,9 +66,10 @@ def test_every_source_declares_every_part():
         assert source.name and source.description, module.__name__
         assert len(inspect.signature(source.read).parameters) == 3, module.__name__
         if source.embedded:  # makes out/raw itself
-            assert source.make_raw is not None and source.extracted is None, module.__name__
-        else:  # official files with checksums, and an extracted form checked by structure
-            assert source.make_raw is None and source.extracted is not None, module.__name__
+            assert source.extracted is None and not source.files, module.__name__
+        else:  # accepted extracted in data/ (checked by structure), and fetched or fetchable
+            assert source.extracted is not None, module.__name__
+            assert source.files or source.manual, module.__name__  # where to get it
             assert all(f.urls and f.algorithm in ("md5", "sha256") for f in source.files)
             assert source.image_size is not None, module.__name__
 
@@ -89,7 +100,7 @@ def test_tiny_imagenet_extracted_in_data_is_used_offline(monkeypatch, capsys):
     fake = extract_tiny(monkeypatch)
     p = offline("tiny-imagenet")
     download(p)
-    assert "using the extracted copy data/tiny-imagenet-200" in capsys.readouterr().out
+    assert "using data/tiny-imagenet-200 from data/" in capsys.readouterr().out
     preprocess(p)
     assert np.array_equal(load("train_images.npy"), [fakes.decoded(d) for d, _ in fake.train])
     assert load("train_labels.npy").tolist() == [label for _, label in fake.train]
@@ -240,3 +251,98 @@ def test_mnist_idx_file_that_differs_is_refused(monkeypatch, name, change, messa
     with pytest.raises(NotOfficialError, match=message) as err:
         download(offline("mnist"))
     assert "not the official MNIST set" in str(err.value)
+
+
+# --- ImageNet 64x64 -----------------------------------------------------------------------
+
+SMALL64 = imagenet64.Counts(train=25, val=4, classes=1000)
+
+
+def imagenet64_files(folder: Path, compress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The 11 official npz files (train batches of 2 or 3 images, 4 val images) in `folder`;
+    returns every image (N, 64, 64, 3) and label (0-based), train then val."""
+    rng = np.random.default_rng(0)
+    save = np.savez_compressed if compress else np.savez
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for i, name in enumerate([*imagenet64.TRAIN, imagenet64.VAL]):
+        n = 4 if name == imagenet64.VAL else 2 + i % 2
+        x = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+        y = rng.integers(1, 1001, n)  # 1..1000, as the official files
+        planes = x.transpose(0, 3, 1, 2).reshape(n, -1)  # (n, 12288): R, G, B planes
+        save(folder / name, data=planes, labels=y, mean=planes.mean(0))
+        images.append(x)
+        labels.append(y - 1)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+@pytest.mark.parametrize("form", ["npz", "npz-in-folders", "zips"])
+def test_imagenet64_from_data_dir(monkeypatch, tmp_path, form):
+    monkeypatch.setattr(imagenet64, "OFFICIAL", SMALL64)
+    monkeypatch.setattr(imagenet64, "CHUNK", 2)  # several chunks per file
+    made = tmp_path / "made"
+    images, labels = imagenet64_files(made, compress=form == "zips")
+    for archive, names in imagenet64.ZIPS.items():
+        if form == "npz":
+            for name in names:
+                Path("data").mkdir(exist_ok=True)
+                (made / name).rename(Path("data") / name)
+        elif form == "npz-in-folders":
+            folder = Path("data") / archive.removesuffix(".zip")
+            folder.mkdir(parents=True)
+            for name in names:
+                (made / name).rename(folder / name)
+        else:
+            members = {name: (made / name).read_bytes() for name in names}
+            Path("data").mkdir(exist_ok=True)
+            Path("data", archive).write_bytes(fakes.zip_bytes(members))
+    p = offline("imagenet64")
+    download(p)
+    preprocess(p)
+    assert np.array_equal(load("train_images.npy"), images[:25])
+    assert load("train_labels.npy").tolist() == labels[:25].tolist()
+    assert np.array_equal(load("val_images.npy"), images[25:])
+    classes = json.loads((OUT / "classes.json").read_text())
+    assert (len(classes), classes[0], classes[999]) == (1000, "kit fox", "dumbbell")
+
+
+def test_imagenet64_without_its_files_says_how_to_get_them():
+    with pytest.raises(PipelineError, match="no public address: log in at image-net.org"):
+        download(offline("imagenet64"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: (d / "train_data_batch_7.npz").unlink(), "train_data_batch_7.npz missing"),
+        (
+            lambda d: np.savez(
+                d / "val_data.npz",
+                data=np.zeros((4, 12288), np.uint8),
+                labels=np.array([[1]] * 4, dtype=object),
+            ),
+            "holds Python objects, which only a pickle loads; refusing",
+        ),
+        (
+            lambda d: np.savez(
+                d / "val_data.npz", data=np.zeros((3, 12288), np.uint8), labels=np.ones(3, int)
+            ),
+            "3 val images, the official set 4",
+        ),
+        (
+            lambda d: np.savez(
+                d / "val_data.npz", data=np.zeros((4, 3, 64, 64), np.uint8), labels=np.ones(4, int)
+            ),
+            r"`data` is uint8 \(4, 3, 64, 64\), not uint8 \(N, 12288\)",
+        ),
+    ],
+    ids=["missing-batch", "pickled-labels", "count", "shape"],
+)
+def test_imagenet64_files_that_differ_are_refused(monkeypatch, change, message):
+    monkeypatch.setattr(imagenet64, "OFFICIAL", SMALL64)
+    imagenet64_files(Path("data"))
+    change(Path("data"))
+    with pytest.raises(NotOfficialError, match=message) as err:
+        download(offline("imagenet64"))
+    assert "not the official ImageNet 64x64 set" in str(err.value)
+    assert not Path("out/raw").exists()

@@ -36,7 +36,7 @@ class Reference:
     source: str
 
 
-# Tiny ImageNet (200 classes, 64 px) trained from scratch; keys are (dataset, model).
+# Published results from scratch; keys are (dataset, model). Tiny ImageNet: 200 classes, 64 px.
 REFERENCES: dict[tuple[str, str], Reference] = {
     ("tiny-imagenet", "logreg"): Reference(
         3.0, None, "CS231n Tiny ImageNet project results: softmax regression on pixels, ~3%"
@@ -49,6 +49,10 @@ REFERENCES: dict[tuple[str, str], Reference] = {
     ),
     ("tiny-imagenet", "alexnet"): Reference(
         45.0, None, "CS231n Tiny ImageNet project results: AlexNet with PReLU, ~45% top-1"
+    ),
+    # Downsampled ImageNet 64x64 (1,000 classes).
+    ("imagenet64", "resnet50"): Reference(
+        71.9, None, "cs-giung/giung2-jax: ResNet-50 on ImageNet 64x64, 100 epochs, 71.9% top-1"
     ),
 }
 

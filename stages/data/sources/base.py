@@ -85,11 +85,13 @@ class Source:
     check: Callable[[Params], None] | None = None
     # Where your own data lives (a path under data_dir), for the MLflow dataset's source.
     local_origin: Callable[[DownloadParams], str] | None = None
+    # How to get the files when they have no public address (a login, a licence).
+    manual: str = ""
 
     @property
     def embedded(self) -> bool:
-        """True when it never touches the network."""
-        return not self.files
+        """True when the pipeline makes out/raw itself: no network, nothing in data/."""
+        return self.make_raw is not None
 
     def origin(self, d: DownloadParams) -> str | None:
         """Where the data came from: the first address download tries, your folder, or None
