@@ -6,7 +6,9 @@ Fabricates the official layout (200 wnids, words.txt, train/<wnid>/images/*.JPEG
 <wnid>_boxes.txt, val/images + val_annotations.txt, test/images; every 50th JPEG grayscale) in a
 temporary folder, runs `python -m stages preprocess -S dataset=tiny-imagenet` there as a child
 process, and prints the child's peak resident memory (ru_maxrss, what `/usr/bin/time -v`
-reports) next to the bytes of the .npy arrays it wrote. The goal is a peak of at most 2x.
+reports) next to the bytes of the .npy arrays it wrote. The goal is a peak of at most 1.2x the
+arrays on the official size, and a peak that does not grow with the dataset (--per-class 1500
+makes a set three times as large).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def main() -> None:
         arrays = sum(f.stat().st_size for f in (root / "out" / "processed").glob("*.npy"))
     print(f"preprocess: {seconds:.0f} s, {n / seconds:,.0f} images/s")
     print(f"arrays written: {arrays / GiB:.2f} GiB; peak RSS {peak / GiB:.2f} GiB;"
-          f" ratio {peak / arrays:.2f}x (goal <= 2x)")  # fmt: skip
+          f" ratio {peak / arrays:.2f}x (goal <= 1.2x)")  # fmt: skip
 
 
 if __name__ == "__main__":
