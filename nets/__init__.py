@@ -3,11 +3,13 @@
     import nets
     model = nets.build("alexnet", num_classes=200, image_size=56, mean=mean_image, lrn=True)
 
-A builder has the signature `builder(num_classes, image_size, *, option=default, ...)`; its
-keyword defaults are the model's options (`options(name)`), so a checkpoint can store the name
-plus the options and rebuild the same module. Beside it, `register` takes the model's training
-defaults (`train_defaults(name)`): the `train.*` values it was tuned with on the default data,
-which fill every train key params.yaml leaves `null` when `model` selects it.
+A builder has the signature `builder(num_classes, image_size, *, option: Type = default, ...)`;
+its keyword defaults are the model's options (`options(name)`), so a checkpoint can store the
+name plus the options and rebuild the same module. Each option's annotation says what it takes
+(a type, a `Field` range, `Literal` choices): `options_model(name)` is the pydantic model that
+checks params.yaml's `nets.<name>` entry against them. Beside it, `register` takes the model's
+training defaults (`train_defaults(name)`): the `train.*` values it was tuned with on the
+default data, which fill every train key params.yaml leaves `null` when `model` selects it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 
 from nets.common import ArrayLike, Classifier, InputNorm
@@ -22,7 +25,11 @@ from nets.common import ArrayLike, Classifier, InputNorm
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
 _TRAIN_DEFAULTS: dict[str, dict[str, object]] = {}
+_OPTIONS: dict[str, type[BaseModel]] = {}
 _POSITIONAL = ("num_classes", "image_size")
+# The rules params.yaml's sections follow: exact types (an integer is also a number), finite
+# numbers, no unknown options.
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class UnknownNetError(ValueError):
@@ -36,11 +43,24 @@ def register(name: str, train: dict[str, object] | None = None) -> Callable[[Bui
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
+        _OPTIONS[name] = _options_model(name, builder)
         _REGISTRY[name] = builder
         _TRAIN_DEFAULTS[name] = dict(train or {})
         return builder
 
     return decorator
+
+
+def _options_model(name: str, builder: Builder) -> type[BaseModel]:
+    """The builder's keyword options as a pydantic model: each one's annotation and default."""
+    fields: dict[str, tuple[object, object]] = {}
+    for p in inspect.signature(builder, eval_str=True).parameters.values():
+        if p.name in _POSITIONAL:
+            continue
+        if p.annotation is p.empty or p.default is p.empty:
+            raise TypeError(f"model {name!r}: option {p.name!r} needs a type and a default")
+        fields[p.name] = (p.annotation, p.default)
+    return create_model(f"{name}_options", __config__=_STRICT, **fields)
 
 
 def train_defaults(name: str) -> dict[str, object]:
@@ -59,14 +79,16 @@ def _builder(name: str) -> Builder:
     return _REGISTRY[name]
 
 
+def options_model(name: str) -> type[BaseModel]:
+    """The pydantic model of the model's options: `options_model(name).model_validate(opts)`
+    checks their types, ranges and choices and rejects unknown ones."""
+    _builder(name)
+    return _OPTIONS[name]
+
+
 def options(name: str) -> dict[str, object]:
     """The model's keyword options and their defaults."""
-    params = inspect.signature(_builder(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.name not in _POSITIONAL and p.default is not inspect.Parameter.empty
-    }
+    return {key: field.default for key, field in options_model(name).model_fields.items()}
 
 
 def build(

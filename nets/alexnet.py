@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from pydantic import PositiveInt
 from torch import nn
 
 from nets import register
-from nets.common import apply_init, make_act
+from nets.common import Activation, Dropout, Init, apply_init, make_act
 
 # The conv layers as data: (out channels, kernel, LRN?, max-pool?); kernel None = set by
 # `small_filters`.
@@ -34,11 +35,11 @@ def alexnet(
     *,
     small_filters: bool = True,
     lrn: bool = False,
-    activation: str = "prelu",
-    dropout: float = 0.5,
-    fc_width: int = 1024,
+    activation: Activation = "prelu",
+    dropout: Dropout = 0.5,
+    fc_width: PositiveInt = 1024,
     batch_norm: bool = False,
-    init: str = "classic",
+    init: Init = "classic",
 ) -> nn.Module:
     """AlexNet variant; `small_filters` uses 3x3 instead of 5x5 in conv1/conv2."""
     layers: list[tuple[str, nn.Module]] = []

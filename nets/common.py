@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]  # what torch.as_tensor takes
+
+# Option types the families annotate their builders with (nets.options_model checks them).
+Dropout = Annotated[float, Field(ge=0, lt=1)]  # the probability of zeroing a unit (1: all)
+Activation = Literal["relu", "prelu"]  # what make_act builds
+Init = Literal["classic", "default"]  # the names in INITS
 
 
 class InputNorm(nn.Module):

@@ -8,6 +8,7 @@ stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one 3x3 
 
 from __future__ import annotations
 
+from pydantic import PositiveInt
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -42,7 +43,11 @@ SMALL_IMAGES = {"epochs": 16, "batch_size": 64, "lr": 0.05}
 
 @register("resnet18", train=SMALL_IMAGES)
 def resnet18(
-    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+    num_classes: int,
+    image_size: int,
+    *,
+    stem_stride: PositiveInt = 1,
+    zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-18: BasicBlock x (2, 2, 2, 2)."""
     return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
@@ -50,7 +55,11 @@ def resnet18(
 
 @register("resnet34", train=SMALL_IMAGES)
 def resnet34(
-    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+    num_classes: int,
+    image_size: int,
+    *,
+    stem_stride: PositiveInt = 1,
+    zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-34: BasicBlock x (3, 4, 6, 3)."""
     return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
@@ -65,7 +74,11 @@ def resnet34(
     | {"epochs": 24, "lr": 0.1, "label_smoothing": 0.1, "memory_format": "contiguous"},
 )
 def resnet50(
-    num_classes: int, image_size: int, *, stem_stride: int = 1, zero_init_residual: bool = True
+    num_classes: int,
+    image_size: int,
+    *,
+    stem_stride: PositiveInt = 1,
+    zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-50: Bottleneck x (3, 4, 6, 3)."""
     return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)

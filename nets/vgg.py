@@ -8,10 +8,11 @@ they hold half the conv parameters (7M of 14.7M in VGG-16) for little spatial co
 from __future__ import annotations
 
 import torch
+from pydantic import PositiveInt
 from torch import nn
 
 from nets import register
-from nets.common import apply_init
+from nets.common import Dropout, Init, apply_init
 
 # Conv widths, "M" = 2x2 max-pool. Another depth is one more line here plus a builder below.
 CFGS: dict[str, tuple[int | str, ...]] = {
@@ -67,9 +68,9 @@ def vgg16(
     image_size: int,
     *,
     batch_norm: bool = True,
-    dropout: float = 0.5,
-    fc_width: int = 1024,
-    init: str = "classic",
+    dropout: Dropout = 0.5,
+    fc_width: PositiveInt = 1024,
+    init: Init = "classic",
 ) -> nn.Module:
     """VGG-16 minus its last three conv layers and last pool (10 conv + 3 FC)."""
     model = VGG(CFGS["vgg16"], num_classes, batch_norm, dropout, fc_width)

@@ -53,8 +53,8 @@ def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> 
     from stages.engine.model import check_model_params
 
     def action() -> None:
+        p = load(params, overrides, defaults=nets.train_defaults)  # its errors name the file
         try:
-            p = load(params, overrides, defaults=nets.train_defaults)
             check_model_params(p)  # every command checks the model choice before any work
             stage(p)
         except ParamsError as err:

@@ -214,20 +214,67 @@ CASES = [
     Case("out-of-range", ["train", "-S", "train.lr=-1"], "train.lr: must be positive", 2),
     Case("unknown-model", ["train", "-S", "model=resnet9"], "model: must be one of", 2),
     Case("unknown-dataset", ["download", "-S", "dataset=imagenet"], "dataset: must be one of", 2),
-    Case("net-option", ["train", "-S", "nets.alexnet.width=3"], "nets.alexnet.width: is not", 2),
+    Case("net-option", ["train", "-S", "nets.alexnet.width=3"], "nets.alexnet.width: unknown", 2),
+    Case("net-width-0", ["train", "-S", "nets.mlp.hidden=0"], "nets.mlp.hidden: must be a pos", 2),
+    Case(
+        "net-bool", ["train", "-S", "nets.vgg16.batch_norm=maybe"], "batch_norm: must be true", 2
+    ),  # fmt: skip
+    Case(
+        "net-stride-0",
+        ["train", "-S", "nets.resnet18.stem_stride=0"],
+        "nets.resnet18.stem_stride: must be a positive integer",
+        2,
+    ),  # fmt: skip
+    Case(
+        "net-dropout", ["train", "-S", "nets.alexnet.dropout=1.5"], "dropout: must be in [0, 1)", 2
+    ),  # fmt: skip
+    Case(
+        "net-dropout-nan",
+        ["train", "-S", "nets.alexnet.dropout=.nan"],
+        "nets.alexnet.dropout: must be a finite number",
+        2,
+    ),  # fmt: skip
+    Case(
+        "net-choice",
+        ["train", "-S", "nets.alexnet.activation=tanh"],
+        "nets.alexnet.activation: must be one of: relu, prelu, got 'tanh'",
+        2,
+    ),  # fmt: skip
+    Case("lr-inf", ["train", "-S", "train.lr=.inf"], "train.lr: must be a finite number", 2),
+    Case(
+        "warmup-too-long",
+        ["train", "-S", "train.warmup_epochs=3"],
+        "train.warmup_epochs: is 3 but train.epochs is 1",
+        2,
+    ),  # fmt: skip
     Case("malformed-device", ["train", "-S", "train.device=cuda:7x"], "train.device: must be", 2),
     Case("override-no-value", ["train", "-S", "train.epochs"], "expected KEY=VALUE", 2),
     Case("crop-too-big", ["train", "-S", "train.crop_size=64"], "train.crop_size: is 64", 2),
-    Case("picture", ["report", "-S", "report.pictures=[selfie]"], "'selfie' is not a picture", 2),
+    Case(
+        "picture",
+        ["report", "-S", "report.pictures=[selfie]"],
+        "report.pictures: must be one of: predictions",
+        2,
+    ),  # fmt: skip
     Case("params-missing", ["train", "--params", "nope.yaml"], "nope.yaml: not found", 2),
     Case("params-dir", ["train", "--params", "images"], "images: not a file", 2),
     Case(
         "params-yaml",
         ["train", "--params", "bad.yaml"],
-        "not valid YAML",
+        "error: bad.yaml: not valid YAML: line 2, column 1: expected ',' or ']'",
         2,
         params_text("train: [unclosed\n"),
     ),  # fmt: skip
+    Case(
+        "params-duplicate",
+        ["train", "--params", "bad.yaml"],
+        "duplicate key 'seed' (first on line 1)",
+        2,
+        params_text("seed: 0\n" + yaml.safe_dump(tiny_params())),
+    ),  # fmt: skip
+    Case(
+        "params-empty", ["train", "--params", "bad.yaml"], "bad.yaml: is empty", 2, params_text("")
+    ),
     Case(
         "params-list",
         ["train", "--params", "bad.yaml"],
@@ -450,6 +497,8 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, shown
     assert case.error in errors[0], shown
+    if case.code == 2:  # bad params stop before any work: the error is all there is to say
+        assert result.stderr.splitlines() == errors, shown
     assert snapshot(root) == before, "files under out/ were created or changed"
     assert running_runs(root) == 0
     assert not (root / "PWNED").exists()  # a checkpoint never runs code

@@ -1,7 +1,6 @@
 """Each model's training defaults fill the train keys params.yaml leaves null; a value the user
 sets wins; the seed presets keep the values they were published with."""
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from stages.params import MODEL_TUNED, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-BUILTIN = {f.name: f.default for f in dataclasses.fields(TrainParams)}
+BUILTIN = {name: f.default for name, f in TrainParams.model_fields.items()}
 sys.path.insert(0, str(REPO / "presets"))
 from args import RECIPES  # noqa: E402
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import math
+import typing
 
 import pytest
 import torch
 from torch import nn
 
 import nets
-from nets.common import InputNorm, init_weights, make_act
+from nets.common import INITS, Activation, Init, InputNorm, init_weights, make_act
 
 NUM_CLASSES = 7
 
@@ -82,6 +83,27 @@ def test_options_are_the_builder_defaults() -> None:
 def test_register_rejects_a_duplicate_name() -> None:
     with pytest.raises(ValueError, match="already registered"):
         nets.register("mlp")(lambda num_classes, image_size: nn.Identity())
+
+
+def test_register_rejects_an_option_without_a_type() -> None:
+    def untyped(num_classes: int, image_size: int, *, width=4) -> nn.Module:
+        return nn.Identity()
+
+    with pytest.raises(TypeError, match="option 'width' needs a type and a default"):
+        nets.register("untyped")(untyped)
+    assert "untyped" not in nets.names()
+
+
+@pytest.mark.parametrize("name", nets.names())
+def test_each_options_model_takes_the_builder_defaults(name: str) -> None:
+    model = nets.options_model(name)
+    assert model.model_validate(nets.options(name)).model_dump() == nets.options(name)
+
+
+def test_option_choices_are_what_the_builders_take() -> None:
+    assert set(typing.get_args(Init)) == set(INITS)
+    for activation in typing.get_args(Activation):
+        make_act(activation, 4)
 
 
 def test_options_change_the_model() -> None:

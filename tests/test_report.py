@@ -194,5 +194,7 @@ def test_report_makes_only_the_chosen_pictures(pipeline_outputs):
 def test_unknown_picture_is_a_params_error():
     from stages.params import ParamsError
 
-    with pytest.raises(ParamsError, match="report.pictures: 'saliency' is not a picture"):
+    with pytest.raises(
+        ParamsError, match="report.pictures: must be one of: predictions, .*, got 'saliency'"
+    ):
         fabricate.p("report.pictures=[saliency]")

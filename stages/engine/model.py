@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import nets
 from stages.core import checkpoint
 from stages.core.errors import ParamsError
+from stages.core.validation import params_error
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.inference import predict_proba
 from stages.engine.pretrained import PRETRAINED
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 
 
 def check_model_params(p: Params) -> None:
-    """`model`, `nets.*` and `train.init` against the registry; ParamsError names the key."""
+    """`model`, `nets.*` (names, and each option's type, range and choices, as declared by its
+    builder) and `train.init` against the registry; ParamsError names the key."""
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -38,15 +41,11 @@ def check_model_params(p: Params) -> None:
     check(p.model in valid, "model", f"must be one of: {', '.join(valid)}")
     for name, opts in p.nets.items():
         check(name in valid, f"nets.{name}", f"is not a model; models: {', '.join(valid)}")
-        check(isinstance(opts, dict), f"nets.{name}", "must be a mapping of options")
-        allowed = nets.options(name)
-        for key in opts:
-            options = ", ".join(allowed) or "none"
-            check(
-                key in allowed,
-                f"nets.{name}.{key}",
-                f"is not an option of {name}; options: {options}",
-            )
+        options = nets.options_model(name)
+        try:
+            options.model_validate(opts)
+        except ValidationError as err:
+            raise params_error(err, options, prefix=f"nets.{name}.") from None
     if p.train.init == "pretrained":
         check(p.model in PRETRAINED, "train.init", f"no pretrained weights for {p.model};"
               f" models with them: {', '.join(PRETRAINED)}")  # fmt: skip
