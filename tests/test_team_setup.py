@@ -113,6 +113,7 @@ def test_tracking_server_on_postgres_and_a_dvc_remote(repo, tmp_path):
                       # Its job runner (GenAI features) is not needed: fewer processes.
                       MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # fmt: skip
     options = ["--serve-artifacts", "--artifacts-destination", str(artifacts), "--workers", "2"]
+    # `mlflow ui` is MLflow's alias of `mlflow server`: the same server, these options included.
     with (
         postgres(programs) as database,
         screenshots.mlflow_ui(database, options=options, env=server_env) as url,
