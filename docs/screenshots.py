@@ -17,9 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -38,37 +39,49 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_ui(store_uri: str, timeout: float = 120) -> Iterator[str]:
-    """`mlflow ui` on the store, on 127.0.0.1; yields its address. Its workers are stopped
-    with it (the whole process group)."""
+def mlflow_ui(
+    store_uri: str, timeout: float = 120, options: Sequence[str] = (), env: dict | None = None
+) -> Iterator[str]:
+    """`mlflow ui` on the store, on 127.0.0.1 (with more server `options`, in `env`); yields
+    its address. Its workers are stopped with it (the whole process group)."""
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    err = server.stderr.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow ui did not start on {url}:\n{err}") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
+    # Its log goes to a file: it logs every request, and a pipe nobody reads would fill up
+    # and stall the server.
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [str(mlflow), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+             "--port", str(port), *options],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=5):
+                        break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        said = log.read().decode(errors="replace")[-2000:]
+                        raise RuntimeError(f"mlflow ui did not start on {url}:\n{said}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            stop_group(server)
+
+
+def stop_group(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """Stop `process`, started with start_new_session=True, and every process of its group:
+    `signum`, up to 30 s for the leader to exit, then SIGKILL for whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # workers that outlived the leader
+    process.wait()
 
 
 @contextlib.contextmanager

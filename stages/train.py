@@ -167,7 +167,8 @@ def _train(p: Params, d: Dist, device: torch.device) -> dict[str, float]:
     data = load_processed(p.preprocess_inputs())
     train_set, val_set = _shards(data, d, device)
     e, s, notes = _build(p, d, device, data)
-    saved = _resume_state(p, d, data.info)
+    # Rank 0 decides, from its last.pt, for every rank (other nodes may not share out/).
+    saved = distributed.from_main(d, _resume_state(p, d, data.info) if d.main else None)
     if saved is not None:
         s.load_state_dict(saved)
     if d.main:
@@ -215,11 +216,12 @@ def _stopped(reached: int, saved: int, epochs: int) -> str:
 
 
 def _shards(data: Processed, d: Dist, device: torch.device) -> tuple[tuple, tuple]:
-    """This rank's training images (uint8 (N/world, H, W, 3) on `device`) and labels, and its
-    validation images and labels (numpy)."""
-    shard, val = d.shard(len(data.train_labels)), d.shard(len(data.val_labels))
-    images = torch.from_numpy(np.array(data.train_images[shard])).to(device)
-    labels = torch.from_numpy(data.train_labels[shard]).to(device)  # (N / world,)
+    """The training images (uint8 (N, H, W, 3) on `device`: every rank draws its part of
+    each batch from the whole set) and labels, and this rank's validation images and labels
+    (numpy)."""
+    val = d.shard(len(data.val_labels))
+    images = torch.from_numpy(np.array(data.train_images)).to(device)
+    labels = torch.from_numpy(data.train_labels).to(device)  # (N,)
     return (images, labels), (data.val_images[val], data.val_labels[val])
 
 
@@ -247,7 +249,7 @@ def _build(
     s = RunState(
         raw, optimizer, Schedule(optimizer, t, steps),
         torch.amp.GradScaler(device.type, enabled=speed.dtype == torch.float16), ema,
-        torch.Generator(device=device).manual_seed(p.seed + d.rank), world=d.world,
+        torch.Generator(device=device).manual_seed(p.seed), world=d.world,  # same on all ranks
     )  # fmt: skip
     loss = make_loss(t.loss, t.label_smoothing)
     e = Engine(net, raw, optimizer, s.schedule, loss, s.scaler, ema, speed, d, s.generator)

@@ -64,7 +64,11 @@ def setup() -> str:
     with _file_lock(root() / ".mlflow.lock"):
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            location = (root() / "mlartifacts").as_uri()
+            # A tracking server (http[s]://) keeps the artifacts where it is told to (`mlflow
+            # server --serve-artifacts`), for every machine; a store this process writes
+            # itself keeps them beside it, in the main repository.
+            served = tracking_uri().startswith(("http://", "https://"))
+            location = None if served else (root() / "mlartifacts").as_uri()
             return mlflow.create_experiment(name, location, tags=EXPERIMENT_TAGS)
         for key, value in EXPERIMENT_TAGS.items():  # a store made before the tags existed
             if key not in experiment.tags:

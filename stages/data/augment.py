@@ -53,13 +53,44 @@ def crop_flip(
     return to_float(pixels.view(len(top), size, size, 3))
 
 
-def _uniform(n: int, low: float, high: float, like: torch.Tensor, g: torch.Generator):
-    """(n,) float32 uniform in [low, high) on `like`'s device, drawn from `g`."""
-    return torch.rand(n, device=like.device, generator=g) * (high - low) + low
+class Draws:
+    """Per-sample random numbers for a batch of b samples, drawn from `generator`.
+
+    `within=(offset, total)`: the batch is samples offset..offset+b of a larger one of `total`
+    (a distributed step's global batch). Every draw is made for all `total` samples and this
+    batch keeps its rows, so each rank, from the same generator state, draws exactly what one
+    process augmenting the whole batch draws, and all end in the same generator state.
+    """
+
+    def __init__(
+        self, generator: torch.Generator, b: int, device: torch.device,
+        within: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        offset, self.total = within or (0, b)
+        self.keep = slice(offset, offset + b)
+        self.generator, self.device = generator, device
+
+    def rand(self) -> torch.Tensor:
+        """(b,) float32 uniform in [0, 1)."""
+        return torch.rand(self.total, device=self.device, generator=self.generator)[self.keep]
+
+    def uniform(self, low: float, high: float) -> torch.Tensor:
+        """(b,) float32 uniform in [low, high)."""
+        return self.rand() * (high - low) + low
+
+    def coin(self, p: float) -> torch.Tensor:
+        """(b,) bool, each True with probability p."""
+        return self.rand() < p
+
+    def integers(self, high: int) -> torch.Tensor:
+        """(b,) int64 uniform in [0, high)."""
+        n = (self.total,)
+        return torch.randint(0, high, n, device=self.device, generator=self.generator)[self.keep]
 
 
-def _coin(n: int, p: float, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, device=like.device, generator=g) < p  # (n,) bool
+def _draws(g: torch.Generator | Draws, like: torch.Tensor) -> Draws:
+    """`g` as the draws of `like`'s batch (a plain generator: the batch is the whole batch)."""
+    return g if isinstance(g, Draws) else Draws(g, len(like), like.device)
 
 
 def resized_crop(
@@ -68,22 +99,22 @@ def resized_crop(
     scale: float,
     flip: torch.Tensor,
     vflip: torch.Tensor,
-    g: torch.Generator,
+    g: torch.Generator | Draws,
 ) -> torch.Tensor:
     """Random-resized-crop: per-sample area in [scale, 1] and aspect in [3/4, 4/3], bilinear.
 
     One affine `grid_sample` for the batch; flips fold into the affine matrix.
     images (B, H, W, 3) uint8 -> (B, 3, size, size) float in [0, 1].
     """
-    b = images.shape[0]
-    area = _uniform(b, scale, 1.0, images, g)  # (B,) fraction of the image
-    log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), images, g)  # (B,)
+    b, draw = images.shape[0], _draws(g, images)
+    area = draw.uniform(scale, 1.0)  # (B,) fraction of the image
+    log_ratio = draw.uniform(math.log(3 / 4), math.log(4 / 3))  # (B,)
     ratio = log_ratio.exp()
     w = (area * ratio).sqrt().clamp(max=1.0)  # (B,) width as a fraction of the image
     h = (area / ratio).sqrt().clamp(max=1.0)  # (B,)
     # Box centre in [-1, 1] coordinates, anywhere the box stays inside the image.
-    cx = (torch.rand(b, device=images.device, generator=g) * 2 - 1) * (1 - w)  # (B,)
-    cy = (torch.rand(b, device=images.device, generator=g) * 2 - 1) * (1 - h)  # (B,)
+    cx = (draw.rand() * 2 - 1) * (1 - w)  # (B,)
+    cy = (draw.rand() * 2 - 1) * (1 - h)  # (B,)
     sx = torch.where(flip, -w, w)  # a negative x scale mirrors the crop
     sy = torch.where(vflip, -h, h)
     zero = torch.zeros_like(w)
@@ -108,26 +139,26 @@ def colour_jitter(
     contrast: float,
     saturation: float,
     hue: float,
-    g: torch.Generator,
+    g: torch.Generator | Draws,
 ) -> torch.Tensor:
     """Per-sample bounded colour changes on (B, 3, H, W) floats in [0, 1]; result clamped.
 
     brightness/contrast/saturation b: factor uniform in [1-b, 1+b]; hue h: rotation of the
     chroma plane by up to h of a full turn.
     """
-    b = x.shape[0]
+    b, draw = x.shape[0], _draws(g, x)
     if brightness:
-        x = x * _uniform(b, 1 - brightness, 1 + brightness, x, g).view(b, 1, 1, 1)
+        x = x * draw.uniform(1 - brightness, 1 + brightness).view(b, 1, 1, 1)
     if contrast:
         mean = _grey(x).mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
-        f = _uniform(b, 1 - contrast, 1 + contrast, x, g).view(b, 1, 1, 1)
+        f = draw.uniform(1 - contrast, 1 + contrast).view(b, 1, 1, 1)
         x = (x - mean) * f + mean
     if saturation:
         grey = _grey(x)  # (B, 1, H, W)
-        f = _uniform(b, 1 - saturation, 1 + saturation, x, g).view(b, 1, 1, 1)
+        f = draw.uniform(1 - saturation, 1 + saturation).view(b, 1, 1, 1)
         x = (x - grey) * f + grey
     if hue:
-        angle = _uniform(b, -hue, hue, x, g) * (2 * math.pi)  # (B,)
+        angle = draw.uniform(-hue, hue) * (2 * math.pi)  # (B,)
         cos, sin = angle.cos(), angle.sin()
         one, zero = torch.ones_like(cos), torch.zeros_like(cos)
         rot = torch.stack(
@@ -144,14 +175,14 @@ def colour_jitter(
     return x.clamp_(0, 1)
 
 
-def cutout(x: torch.Tensor, side: int, g: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, side: int, g: torch.Generator | Draws) -> torch.Tensor:
     """Fill one side x side square per image (centre anywhere, clipped at the border) with grey.
 
     Grey 0.5 stands in for the dataset mean, which the model subtracts later.
     """
-    b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b, 1), device=x.device, generator=g)  # (B, 1)
-    cx = torch.randint(0, w, (b, 1), device=x.device, generator=g)
+    _, _, h, w = x.shape
+    draw = _draws(g, x)
+    cy, cx = draw.integers(h)[:, None], draw.integers(w)[:, None]  # (B, 1) each
     rows = (torch.arange(h, device=x.device) - cy + side // 2).clamp(min=-1)  # (B, H)
     cols = (torch.arange(w, device=x.device) - cx + side // 2).clamp(min=-1)  # (B, W)
     inside = ((rows >= 0) & (rows < side))[:, :, None] & ((cols >= 0) & (cols < side))[:, None]
@@ -173,12 +204,14 @@ def augment(
     hue: float = 0.0,
     cutout_size: int = 0,
     index: torch.Tensor | None = None,
+    within: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Random crop (after zero padding) or resized crop, flips, colour jitter, cutout.
 
     Every random parameter is drawn per sample. images (N, H, W, 3) uint8, of which `index`
     (B,) is the batch (default: all of them) -> (B, 3, size, size) float in [0, 1].
-    `resized_crop_scale` set = random-resized-crop with that smallest area.
+    `resized_crop_scale` set = random-resized-crop with that smallest area. `within=(offset,
+    total)`: the batch is this rank's part of a global batch of `total` (see `Draws`).
     """
     if index is not None and (pad or resized_crop_scale is not None):
         images, index = images[index], None  # those two work on the batch's own copy
@@ -186,21 +219,20 @@ def augment(
         images = F.pad(images, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, 3)
     _, h, w, _ = images.shape
     b = len(images) if index is None else len(index)
-    dev = images.device
+    draw = Draws(generator, b, images.device, within)
     if resized_crop_scale is None:
         # Draw order (top, left, mirror) kept from the first version: same seed, same crops.
-        top = torch.randint(0, h - size + 1, (b,), device=dev, generator=generator)
-        left = torch.randint(0, w - size + 1, (b,), device=dev, generator=generator)
-    mirror = _coin(b, 0.5, images, generator) & flip  # (B,) bool
-    upside = _coin(b, 0.5, images, generator) if vflip else torch.zeros_like(mirror)
+        top, left = draw.integers(h - size + 1), draw.integers(w - size + 1)  # (B,) each
+    mirror = draw.coin(0.5) & flip  # (B,) bool
+    upside = draw.coin(0.5) if vflip else torch.zeros_like(mirror)
     if resized_crop_scale is None:
         x = crop_flip(images, top, left, mirror, size, upside if vflip else None, index)
     else:
-        x = resized_crop(images, size, resized_crop_scale, mirror, upside, generator)
+        x = resized_crop(images, size, resized_crop_scale, mirror, upside, draw)
     if brightness or contrast or saturation or hue:
-        x = colour_jitter(x, brightness, contrast, saturation, hue, generator)
+        x = colour_jitter(x, brightness, contrast, saturation, hue, draw)
     if cutout_size:
-        x = cutout(x, cutout_size, generator)
+        x = cutout(x, cutout_size, draw)
     return x
 
 

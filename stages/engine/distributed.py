@@ -1,17 +1,27 @@
 """DistributedDataParallel under torchrun: process group, data shards, metric reduction.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is the one-process no-op,
-so the training loop has a single code path.
+so the training loop has a single code path. The same holds on one machine or several: torchrun
+sets RANK (global), LOCAL_RANK (the process's place, and GPU, on its node) and the rendezvous
+(MASTER_ADDR/PORT) for `env://` initialisation, whichever node a process runs on.
+
+Training samples as one process would: every rank draws the same permutation of the whole
+training set from the same seed and takes its `part` of each global batch (augmentation draws
+included, see stages.data.augment), so N ranks end with the weights one process reaches with
+the same global batch, up to the order in which the gradient all-reduce adds their shares.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,11 @@ class Dist:
     def shard(self, n: int) -> slice:
         """This rank's share of n items (every world-th one), all shards within one item."""
         return slice(self.rank, n, self.world)
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of a global batch of n; ranks in order cover it once,
+        all shares within one item (equal when world divides n, as the loop's full batches)."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
 
 
 def setup(device: torch.device) -> tuple[Dist, torch.device]:
@@ -55,6 +70,16 @@ def all_sum(d: Dist, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def from_main(d: Dist, value: T) -> T:
+    """Rank 0's `value` on every rank (pickled): what only rank 0's files can tell, such as the
+    run to resume, when out/ is not shared between nodes."""
+    if d.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def wrap(model: nn.Module, d: Dist, device: torch.device, sync_batchnorm: bool) -> nn.Module:

@@ -70,13 +70,16 @@ def run_epoch(
 def train_one_epoch(
     e: Engine, images: torch.Tensor, labels: torch.Tensor, t: TrainParams, epoch: int
 ) -> dict[str, float]:
-    """One pass over a fresh permutation of this rank's (images (N, H, W, 3) uint8, labels).
+    """One pass over a fresh permutation of the training set (images (N, H, W, 3) uint8, labels).
 
+    Under DDP every rank draws the same permutation (same generator state) and trains on its
+    part of each global batch: together the ranks take the steps one process would.
     Returns the mean train loss and top-1 over the images actually seen, and their number
-    (`images`): a batch larger than the shard holds only the shard, and counts as such.
+    (`images`): a batch larger than the set holds only the set, and counts as such.
     """
     e.net.train()
-    batch = max(1, t.batch_size // e.dist.world)  # train.batch_size is the global batch
+    # train.batch_size is the global batch (rounded down to a multiple of the ranks).
+    batch = max(1, t.batch_size // e.dist.world) * e.dist.world
     steps = e.schedule.steps_per_epoch  # the same on every rank: DDP steps in lockstep
     order = torch.randperm(len(labels), device=images.device, generator=e.generator)
     loss_sum = torch.zeros((), device=images.device)
@@ -87,9 +90,13 @@ def train_one_epoch(
     desc = f"epoch {epoch}/{t.epochs}"
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for step in bar:
-        idx = order[step * batch : (step + 1) * batch]
-        x = augment(images, generator=e.generator, index=idx, **augment_options(t))  # (B,3,S,S)
-        y = labels[idx]  # (B,)
+        idx = order[step * batch : (step + 1) * batch]  # (G,) the global batch
+        part = e.dist.part(len(idx))  # this rank's share of it (all of it in one process)
+        within = (part.start, len(idx))  # augmentation draws for the global batch, see Draws
+        x = augment(
+            images, generator=e.generator, index=idx[part], within=within, **augment_options(t)
+        )  # (B, 3, S, S)
+        y = labels[idx[part]]  # (B,)
         with e.speed.autocast():
             logits = e.net(e.speed.inputs(x))  # (B, K)
             loss = e.loss_fn(logits, y)
