@@ -195,6 +195,22 @@ def params_text(text: str) -> Callable[[Path], None]:
     return write("bad.yaml", text)
 
 
+def truncated(path: str, keep: int) -> Callable[[Path], None]:
+    """`path` cut to its first `keep` bytes, as a full disk or a killed copy leaves it."""
+
+    def setup(root: Path) -> None:
+        data = (root / path).read_bytes()
+        (root / path).write_bytes(data[:keep])
+
+    return setup
+
+
+def fewer_labels(root: Path) -> None:
+    """train_labels.npy three short of the images (replaced by hand, or from another run)."""
+    labels = np.load(root / "out/processed/train_labels.npy")
+    np.save(root / "out/processed/train_labels.npy", labels[:-3])
+
+
 # --- the catalogue -----------------------------------------------------------------------------
 
 
@@ -290,6 +306,25 @@ CASES = [
     ),  # fmt: skip
     # train
     Case("no-processed", ["train"], "no preprocessed data", setup=remove("out/processed")),
+    Case(
+        "images-truncated",
+        ["train"],
+        "train_images.npy: damaged or not a .npy array",
+        setup=truncated("out/processed/train_images.npy", 1000),
+    ),  # fmt: skip
+    Case(
+        "info-invalid",
+        ["train"],
+        "info.json: not valid JSON",
+        setup=write("out/processed/info.json", '{"dataset": "digits", '),
+    ),  # fmt: skip
+    Case(
+        "classes-missing",
+        ["evaluate"],
+        "classes.json: missing; run `dvc repro preprocess`",
+        setup=lambda root: (root / "out/processed/classes.json").unlink(),
+    ),  # fmt: skip
+    Case("labels-short", ["train"], "37 labels for the 40 images", setup=fewer_labels),
     Case("other-dataset", ["train"], "dataset='shapes' (params: 'digits')", setup=other_dataset),
     Case("init-missing", ["train", "-S", "train.init=none.pt"], "none.pt: no checkpoint"),
     Case("init-text", ["train", "-S", "train.init=x.pt"], "x.pt: not a", setup=text_file("x.pt")),
