@@ -514,7 +514,24 @@ def test_predict_still_classifies_the_good_images(template, tmp_path):
     result = run(root, "predict", "images/good.png", "images/bomb.png", "--crops", "1")
     assert result.returncode == 1
     assert "images/good.png:" in result.stdout  # its top-5 block was printed
-    assert "images/bomb.png: DecompressionBombError" in result.stdout
+    # The file's reason on stderr, with the errors, not among the results on stdout.
+    assert "images/bomb.png: DecompressionBombError" in result.stderr
+    assert "bomb" not in result.stdout
+
+
+def test_predict_prints_one_line_per_name_whatever_the_name_holds(template, tmp_path):
+    """A newline (or a tab) in a file name would split the result; such names come quoted."""
+    root = workspace(template, tmp_path)
+    shutil.copy(root / "images/good.png", root / "images/a\nb.png")
+    shutil.copy(root / "images/good.png", root / "images/tab\t.png")
+    (root / "images" / "c\nd.png").write_bytes(b"broken")
+    names = ["images/good.png", "images/a\nb.png", "images/tab\t.png", "images/c\nd.png"]
+    result = run(root, "predict", *names, "--crops", "1", "--top", "1")
+    assert result.returncode == 1, result.stderr
+    headers = [line for line in result.stdout.splitlines() if not line.startswith("  ")]
+    assert headers == ["images/good.png:", "'images/a\\nb.png':", "'images/tab\\t.png':"]
+    assert len(result.stdout.splitlines()) == 6  # three headers, one class each
+    assert result.stderr.splitlines()[0].startswith("'images/c\\nd.png': ")
 
 
 def test_a_link_out_of_the_data_folder_is_not_followed(template, tmp_path):
