@@ -349,6 +349,11 @@ CASES = [
         setup=code_pickle("x.pt"),
     ),  # fmt: skip
     Case("init-dir", ["train", "-S", "train.init=images"], "images: "),
+    Case(
+        "batch-norm-one",
+        ["train", "-S", "model=resnet18", "-S", "train.batch_size=1"],
+        "resnet18 has batch norm, which needs at least 2 images",
+    ),  # fmt: skip
     Case("no-gpu", ["train", "-S", "train.device=cuda"], "no CUDA GPU is visible", skip=CUDA),
     Case("last-corrupt", ["train"], "out/train/last.pt: ", setup=text_file("out/train/last.pt")),
     # evaluate
