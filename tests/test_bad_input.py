@@ -270,6 +270,18 @@ CASES = [
         ],
         "4 of the 4 files of mnist are not in data/",
     ),  # fmt: skip
+    Case("data-dir-file", ["inputs"], "data_dir data: is a file", setup=write("data", "x")),
+    Case(
+        "data-dir-outside",
+        ["inputs", "-S", "download.data_dir=/nonexistent/data"],
+        "download.data_dir /nonexistent/data: not found",
+    ),  # fmt: skip
+    Case(
+        "data-dir-not-pulled",
+        ["inputs"],
+        "data: missing, but data.dvc versions it: run `dvc pull data.dvc`",
+        setup=write("data.dvc", "outs:\n- md5: 0123.dir\n  path: data\n"),
+    ),  # fmt: skip
     Case("folder-missing", ["download", "-S", "dataset=folder"], "data/images: not found"),
     Case(
         "folder-one-class",

@@ -105,6 +105,23 @@ def clone(tmp_path_factory) -> Clone:
     return Clone(tmp_path_factory.mktemp("clone"))
 
 
+def test_inputs_makes_a_missing_or_empty_data_folder_and_leaves_yours_alone(tmp_path, monkeypatch):
+    from stages.inputs import README, inputs
+    from stages.params import load
+
+    monkeypatch.chdir(tmp_path)
+    p = load(ROOT / "params.yaml", [])
+    assert inputs(p) == Path("data") and (tmp_path / "data/README.md").read_text() == README
+    assert json.loads((tmp_path / "out/inputs.json").read_text()) == {"data_dir": "data"}
+    (tmp_path / "data/README.md").unlink()  # an empty folder: DVC would warn about it
+    inputs(p)
+    assert (tmp_path / "data/README.md").is_file()
+    (tmp_path / "data/README.md").unlink()
+    image(tmp_path / "data/images/a/0.png", 0)
+    inputs(p)
+    assert sorted(f.name for f in (tmp_path / "data").iterdir()) == ["images"]
+
+
 @pytest.mark.slow
 @needs_git
 def test_a_fresh_clone_runs_clean_and_every_data_change_reruns_download(clone):
