@@ -64,6 +64,14 @@ def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> 
 
 
 @app.command()
+def inputs(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Make sure the data folder (download.data_dir) exists, with a README if it is new."""
+    from stages.inputs import inputs as stage
+
+    _run(stage, params, set_)
+
+
+@app.command()
 def download(params: Path = PARAMS, set_: list[str] = SET) -> None:
     """Fetch the raw files of `dataset` into out/raw/ (embedded sets need no network)."""
     from stages.download import download as stage

@@ -2,11 +2,12 @@
 
 Each source (stages/data/sources/) says what that means. Embedded sources need no network:
 `digits` copies scikit-learn's bundled file, `shapes` is drawn by preprocess from the seed,
-`folder` snapshots your own images from `download.data_dir` (DVC then tracks them through
-out/raw). Real datasets are taken from `download.data_dir` (data/) when you put them there, as
-the official archive (checked by checksum) or as the official layout already extracted (checked
-by structure), and otherwise fetched from the official address (or `download.mirror`),
-verified, and extracted (stages/data/fetch.py).
+`folder` snapshots your own images from `download.data_dir`. Real datasets are taken from
+`download.data_dir` (data/) when you put them there, as the official archive (checked by
+checksum) or as the official layout already extracted (checked by structure), and otherwise
+fetched from the official address (or `download.mirror`), verified, and extracted
+(stages/data/fetch.py). dvc.yaml lists `download.data_dir` as this stage's dependency (the
+inputs stage makes it where it is missing), so any change in it reruns download.
 """
 
 from __future__ import annotations

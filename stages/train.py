@@ -40,6 +40,8 @@ from stages.engine.state import RunState
 from stages.explain import histograms
 from stages.params import MODEL_TUNED, Params, flatten
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 def _write_history(rows: list[dict]) -> None:
     with atomic_path(paths.HISTORY) as tmp, open(tmp, "w", newline="") as f:
@@ -242,7 +244,18 @@ def _build(
         net = torch.compile(net)
     optimizer = make_optimizer(raw, t, fused=True if device.type == "cuda" else None)
     per_rank = max(1, t.batch_size // d.world)  # train.batch_size is the global batch
+    # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
     steps = max(1, len(data.train_labels) // d.world // per_rank)
+    if min(per_rank, len(data.train_labels) // d.world) < 2 and any(
+        isinstance(m, _BATCH_NORMS) for m in raw.modules()
+    ):
+        # torch stops mid-epoch with "Expected more than 1 value per channel" (or learns from
+        # one-image statistics): say so before the run starts.
+        raise TrainingError(
+            f"train.batch_size={t.batch_size}: {p.model} has batch norm, which needs at least 2"
+            f" images per training batch{' on each device' if d.world > 1 else ''}; set"
+            f" train.batch_size to {2 * d.world} or more"
+        )
     ema = None
     if t.ema_decay:
         ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)

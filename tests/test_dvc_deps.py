@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+DATA_DIR = PARAMS["download"]["data_dir"]  # the user's data folder: a data dep, not code
 
 
 def module_file(root: Path, module: str) -> Path | None:
@@ -86,9 +89,21 @@ def stage_module(name: str) -> Path:
     return Path("stages") / f"{cmd[3]}.py"
 
 
+def resolve(path: str) -> str:
+    """`path` with DVC's `${key.sub}` templates filled from params.yaml, as DVC fills them."""
+
+    def value(match: re.Match) -> str:
+        found = PARAMS
+        for key in match.group(1).split("."):
+            found = found[key]
+        return str(found)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, path)
+
+
 def paths(entries: list) -> list[str]:
     """Paths of a deps/outs/metrics list (an entry is a path or {path: options})."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+    return [resolve(e if isinstance(e, str) else next(iter(e))) for e in entries or []]
 
 
 def outputs() -> set[str]:
@@ -116,7 +131,7 @@ def test_deps_cover_every_file_the_stage_imports(stage):
 def test_no_code_dep_is_unused(stage):
     """A code dep that covers nothing the stage imports only reruns it for nothing."""
     files = closure(ROOT, ROOT / stage_module(stage))
-    code = [d for d in paths(PIPELINE[stage]["deps"]) if d not in outputs()]
+    code = [d for d in paths(PIPELINE[stage]["deps"]) if d not in (*outputs(), DATA_DIR)]
     unused = [d for d in code if not any(covers(d, f) for f in files)]
     assert not unused, f"dvc.yaml: stage {stage} lists deps it does not import: {unused}"
 
@@ -129,13 +144,26 @@ def test_no_stage_imports_another(stage):
 
 
 def test_every_dep_exists_or_is_a_stage_output():
+    """Or is the data folder, which the inputs stage creates (a fresh clone has none)."""
     missing = [
         f"{name}: {dep}"
         for name, stage in PIPELINE.items()
         for dep in paths(stage["deps"])
-        if dep not in outputs() and not (ROOT / dep).exists()
+        if dep not in (*outputs(), DATA_DIR) and not (ROOT / dep).exists()
     ]
     assert not missing, "dvc.yaml deps that do not exist:\n" + "\n".join(missing)
+
+
+def test_download_depends_on_the_data_folder_after_inputs_made_it():
+    """Every change under data/ reruns download; `inputs` runs first, so the folder exists."""
+    deps = PIPELINE["download"]["deps"]
+    assert "${download.data_dir}" in deps  # follows -S download.data_dir=... too
+    [made] = paths(PIPELINE["inputs"]["outs"])
+    assert made in paths(deps)
+    # Not cached: a queued experiment's new workspace has no copy, so inputs runs there too.
+    assert PIPELINE["inputs"]["outs"] == [{made: {"cache": False}}]
+    readers = [name for name, s in PIPELINE.items() if DATA_DIR in paths(s["deps"])]
+    assert readers == ["download"]  # nothing downstream reads data/ again
 
 
 def test_closure_follows_lazy_indirect_and_relative_imports(tmp_path):

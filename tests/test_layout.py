@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "preprocess", "train", "evaluate", "report")
+STAGES = ("inputs", "download", "preprocess", "train", "evaluate", "report")
 
 
 def layer(module: str) -> tuple[float, str]:

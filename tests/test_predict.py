@@ -43,7 +43,7 @@ def test_predict_png_grey_jpeg_and_a_non_image(tmp_path, ckpt):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert f"error: {tmp_path / 'notes.txt'}: not an image file PIL can read" in result.output
+    assert f"{tmp_path / 'notes.txt'}: not an image file PIL can read" in result.output
     assert "1 of 3 files could not be read" in result.output
     for name in ("a.png", "b.jpg"):  # both images still classified, 3 classes each
         block = result.output.split(f"{tmp_path / name}:\n")[1].splitlines()[:3]

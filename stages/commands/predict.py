@@ -3,12 +3,15 @@
 Files are read exactly as preprocess reads a `folder` dataset (stages.data.images.read_image:
 EXIF rotation, transparency on white, the same resize to the stored size), so the model sees
 the pixels it would have been trained on; they are classified with the centre crop or the 10
-crops. A file that is not an image is reported and skipped; the others are still classified,
-and the command then exits non-zero.
+crops. A file that is not an image is reported on stderr and skipped; the others are still
+classified (on stdout), and the command then exits non-zero. A file name holding a newline,
+another control character or bytes that are not text is printed quoted, with escapes, so each
+result stays one line.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,12 @@ class Prediction:
 
 class SomeFilesFailed(PipelineError):
     """Raised after all readable images were classified, when some files were not images."""
+
+
+def _shown(path: Path | str) -> str:
+    """`path` as one line of output: as it is, or quoted with escapes when it is not printable."""
+    name = str(path)
+    return name if name.isprintable() else repr(name)
 
 
 def predict(
@@ -60,7 +69,7 @@ def predict(
             ok.append(Path(path))
         except ImageFileError as err:
             failures.append(str(err))
-            print(f"error: {err}", flush=True)
+            print(f"{_shown(path)}: {err.reason}", file=sys.stderr, flush=True)
     results: list[Prediction] = []
     if ok:
         batch = torch.from_numpy(np.stack(arrays))  # (N, S0, S0, 3) uint8
@@ -72,16 +81,16 @@ def predict(
                 path, [(classes[j], float(q)) for q, j in zip(p, idx.tolist(), strict=True)]
             )
             results.append(result)
-            print(f"{path}:")
+            print(f"{_shown(path)}:")
             for name, q in result.top:
-                print(f"  {q:7.2%}  {name}")
+                print(f"  {q:7.2%}  {_shown(name)}")  # class names are folder names
         if saliency_out is not None:
             x = center_crop(batch, size).to(trained.speed.device)  # (N, 3, S, S)
             maps = saliency(trained.model, x).cpu()  # (N, S, S), SmoothGrad
-            titles = [path.name[:28] for path in ok]
+            titles = [_shown(path.name)[:28] for path in ok]
             with atomic_path(Path(saliency_out)) as tmp:
                 plot_predictions(x.cpu(), maps, probs, classes, tmp, titles=titles, top=k)
-            print(f"saliency: {saliency_out}")
+            print(f"saliency: {_shown(saliency_out)}")
     if failures:
         raise SomeFilesFailed(f"{len(failures)} of {len(images)} files could not be read")
     return results

@@ -6,6 +6,7 @@ dvc.yaml names the same paths; keep the two in step.
 from pathlib import Path
 
 OUT = Path("out")
+INPUTS = OUT / "inputs.json"  # inputs: says download.data_dir exists (download depends on it)
 RAW = OUT / "raw"  # download: raw files, untouched
 FOLDER = "folder"  # dataset=folder: RAW/folder/<class>/* is the snapshot of your images
 PROCESSED = OUT / "processed"  # preprocess: packed uint8 arrays, labels, classes, mean image

@@ -77,13 +77,41 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+# Modes Pillow gives 16-bit greyscale files (PNG, TIFF): "I;16*" or, from older Pillow or
+# other formats, "I" (32-bit integers holding 0-65535).
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _rgb(img: Image.Image) -> Image.Image:
-    """Any mode (grey, palette, CMYK, with or without transparency) as RGB."""
+    """Any mode (grey, 16-bit grey, palette, CMYK, with or without transparency) as RGB."""
+    if img.mode in _WIDE_GREY:
+        # convert("RGB") clips 16-bit values at 255 (a scan turns white): scale them to 8 bits
+        # instead, rounding to nearest: v * 255 / 65535.
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # Transparent pixels go on white, not on whatever colour they happen to hold.
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return img.convert("RGB")
+
+
+class _FirstFrame:
+    """Whether this process said yet that files of several frames are read as their first."""
+
+    said = False
+
+
+def _note_first_frame(path: str | Path, frames: int) -> None:
+    # Once, not once per file: a folder of GIFs would bury everything else in notes.
+    if not _FirstFrame.said:
+        _FirstFrame.said = True
+        print(
+            f"{path}: holds {frames} frames (an animation, or pages); the first is used, here"
+            " and in every other such file",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
@@ -99,6 +127,9 @@ def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
         raise ImageFileError(path, f"cannot be read ({err.strerror or err})") from None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            frames = getattr(img, "n_frames", 1)  # opened at frame 0, the first one
+            if frames > 1:
+                _note_first_frame(path, frames)
             if fit:
                 img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
                 img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
@@ -125,9 +156,11 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     decode_blocks with fit=True), `predict` and `submit` all go through it, so a file reaches the
     model with the same pixels in training and afterwards. JPEGs are decoded at a reduced scale
     when that still covers `size` (libjpeg's draft mode), the EXIF orientation is applied,
-    transparency is composited on white, grey/palette/CMYK become RGB, then the short side is
-    resized to `size` (bicubic) and the centre square cropped. A missing file, a directory or a
-    file PIL cannot decode raises ImageFileError with a one-line message naming the path.
+    transparency is composited on white, grey/palette/CMYK become RGB (16-bit grey scaled to 8
+    bits, not clipped), a file of several frames (GIF, WebP, APNG animation; multi-page TIFF)
+    gives its first (said once per run), then the short side is resized to `size` (bicubic)
+    and the centre square cropped. A missing file, a directory or a file PIL cannot decode
+    raises ImageFileError with a one-line message naming the path.
     """
     return _decode(path, size, fit=True)
 

@@ -70,17 +70,64 @@ def _differences(made: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
             if a.get(k) != b.get(k)]  # fmt: skip
 
 
+def _read_json(path: Path, remake: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {remake}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not valid JSON ({err}); {remake}") from None
+
+
+def _read_array(path: Path, remake: str, mmap: bool = False) -> np.ndarray:
+    # Images are memory-mapped: a large set is read once, straight to the training device.
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {remake}") from None
+    except (OSError, ValueError, EOFError) as err:  # truncated, not a .npy, pickled objects
+        raise DataError(f"{path}: damaged or not a .npy array ({err}); {remake}") from None
+
+
+def _check(p: Processed, folder: Path, remake: str) -> None:
+    """Stop on arrays that do not fit together (one was replaced or cut short): training on
+    their overlap, or on labels past the classes, would be silently wrong."""
+    for split, images, labels in (
+        ("train", p.train_images, p.train_labels),
+        ("val", p.val_images, p.val_labels),
+    ):
+        if images.ndim != 4 or images.shape[3] != 3 or images.shape[1:3] != p.mean.shape[:2]:
+            raise DataError(
+                f"{folder / f'{split}_images.npy'}: shape {images.shape}, expected (N,"
+                f" {p.mean.shape[0]}, {p.mean.shape[1]}, 3) like mean.npy; {remake}"
+            )
+        if labels.shape != (len(images),):
+            raise DataError(
+                f"{folder / f'{split}_labels.npy'}: {labels.shape[0] if labels.ndim else 0}"
+                f" labels for the {len(images)} images of {split}_images.npy; {remake}"
+            )
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(p.classes):
+            raise DataError(
+                f"{folder / f'{split}_labels.npy'}: labels {labels.min()}..{labels.max()},"
+                f" but classes.json names {len(p.classes)} classes; {remake}"
+            )
+
+
 def load_processed(made_from: dict[str, Any] | None = None, folder: Path = paths.PROCESSED):
     """Load preprocess's output; a missing folder names the stage to run.
 
     `made_from` (Params.preprocess_inputs()) are the params the data must have been made with:
     data from another dataset or split stop here with one line, instead of training one
-    dataset under another's name.
+    dataset under another's name. A missing, damaged or inconsistent file stops with one line
+    naming it.
     """
     folder = Path(folder)
     if not (folder / "info.json").exists():
         raise DataError(f"{folder}: no preprocessed data; run `dvc repro preprocess` first")
-    info = json.loads((folder / "info.json").read_text())
+    remake = f"run `dvc repro preprocess` to remake {folder}"
+    info = _read_json(folder / "info.json", remake)
+    if not isinstance(info, dict) or not isinstance(info.get("std"), list):
+        raise DataError(f"{folder / 'info.json'}: not what preprocess writes; {remake}")
     if made_from is not None:
         # Data from before info.json recorded its params carry the dataset name only.
         made = info.get("params") or {"dataset": info.get("dataset")}
@@ -92,18 +139,18 @@ def load_processed(made_from: dict[str, Any] | None = None, folder: Path = paths
                 " `python -m stages download` and `python -m stages preprocess` with the same"
                 " params) to remake it"
             )
-
-    def arr(name: str, mmap: bool = False) -> np.ndarray:
-        # Images are memory-mapped: a large set is read once, straight to the training device.
-        return np.load(folder / name, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-    return Processed(
-        train_images=arr("train_images.npy", mmap=True),
-        train_labels=arr("train_labels.npy"),
-        val_images=arr("val_images.npy", mmap=True),
-        val_labels=arr("val_labels.npy"),
-        classes=json.loads((folder / "classes.json").read_text()),
-        mean=arr("mean.npy"),
+    classes = _read_json(folder / "classes.json", remake)
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{folder / 'classes.json'}: not a list of class names; {remake}")
+    processed = Processed(
+        train_images=_read_array(folder / "train_images.npy", remake, mmap=True),
+        train_labels=_read_array(folder / "train_labels.npy", remake),
+        val_images=_read_array(folder / "val_images.npy", remake, mmap=True),
+        val_labels=_read_array(folder / "val_labels.npy", remake),
+        classes=classes,
+        mean=_read_array(folder / "mean.npy", remake),
         std=info["std"],
         info=info,
     )
+    _check(processed, folder, remake)
+    return processed
