@@ -11,7 +11,7 @@ from train_helpers import make_processed, write_params
 from stages import params
 from stages import train as train_module
 from stages.core import tracking
-from stages.data.processed import digest
+from stages.data.writer import digest
 from stages.params import MODEL_TUNED
 
 
