@@ -35,8 +35,9 @@ from stages.data.augment import augment  # noqa: E402
 from stages.engine.device import Speed, has_conv  # noqa: E402
 from stages.engine.distributed import Dist  # noqa: E402
 from stages.engine.inference import predict_proba  # noqa: E402
-from stages.engine.loop import Engine, train_one_epoch  # noqa: E402
+from stages.engine.loop import train_one_epoch  # noqa: E402
 from stages.engine.schedules import Schedule  # noqa: E402
+from stages.engine.state import RunState  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
 
 SIZE, CROP, CLASSES = 64, 56, 10
@@ -101,10 +102,12 @@ def reference_epoch(root: Path, name: str, opts: dict, batch: int) -> None:
 def engine_epoch(images, labels, name: str, opts: dict, batch: int, speed: Speed) -> None:
     model, opt = model_and_opt(name, opts, speed)
     t = TrainParams(batch_size=batch, crop_size=CROP, warmup_epochs=0, epochs=1, lr=0.01)
-    e = Engine(model, model, opt, Schedule(opt, t, len(labels) // batch),
-               nn.functional.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), None,
-               speed, Dist(), torch.Generator().manual_seed(0))  # fmt: skip
-    train_one_epoch(e, images, labels, t, 1)
+    run = RunState(
+        model, model, opt, Schedule(opt, t, len(labels) // batch),
+        torch.amp.GradScaler("cpu", enabled=False), None, torch.Generator().manual_seed(0),
+        nn.functional.cross_entropy, speed, Dist(),
+    )  # fmt: skip
+    train_one_epoch(run, images, labels, t, 1)
 
 
 def fixed_batch(images, name: str, opts: dict, batch: int, steps: int, speed: Speed) -> None:
