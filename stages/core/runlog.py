@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ from torch import nn
 from stages.core import checkpoint, paths
 from stages.core.errors import Interrupted, PipelineError, held
 from stages.core.files import atomic_path
-from stages.core.tracking import TrackingError, answering, cause, setup, tracking_uri
+from stages.core.tracking import TrackingError, answering, cause, root, setup, tracking_uri
 
 WAIT_SECONDS = 60  # at the end, how long the store may take no write before the rest is saved
 WRITER = "mlflow-writer"  # the thread's name
@@ -79,13 +80,14 @@ class Record:
 
 
 def describe(records: list[Record]) -> str:
-    """What the records hold: 'the params and tags, the metrics of epochs 4-6, the model'."""
+    """What the records hold: 'the params and tags, the metrics (epochs 4-6, 9) and the model'."""
     steps: dict[str, list[int]] = {}
     for record in records:
         steps.setdefault(record.what, [])
         if record.step is not None:
             steps[record.what].append(record.step)
-    return ", ".join(f"{what} of {_epochs(s)}" if s else what for what, s in steps.items())
+    parts = [f"{what} ({_epochs(s)})" if s else what for what, s in steps.items()]
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
 
 
 def _epochs(steps: list[int]) -> str:
@@ -109,7 +111,8 @@ class RunLog:
     def __init__(self, uri: str, run_id: str, build: Build) -> None:
         self.uri, self.run_id, self.build = uri, run_id, build
         self.client = mlflow.MlflowClient(uri)
-        self.file = paths.MLFLOW_PENDING / f"{run_id}.json"
+        self.file = pending_folder() / f"{run_id}.json"
+        self.model_copy = self.file.with_suffix(".model.pt")  # model.pt, if its log waits
         self._queue = deque(load_pending(self.file)[1] if self.file.exists() else [])
         self._cond = threading.Condition()
         self._stopped = False
@@ -148,7 +151,8 @@ class RunLog:
 
     def model(self, file: Path, dataset: str, model: str, register: bool) -> None:
         """The network of checkpoint `file` as the run's MLflow model `<dataset>-<model>`."""
-        data = {"checkpoint": str(file), "dataset": dataset, "model": model, "register": register}
+        data = {"checkpoint": str(file.resolve()), "dataset": dataset, "model": model,
+                "register": register}  # fmt: skip
         self._add(Record("the model", "model", data))
 
     def _file(self, name: str, content: bytes, folder: str | None, what: str = "",
@@ -166,7 +170,7 @@ class RunLog:
     # The thread.
 
     def _write(self) -> None:
-        """Write the records in order; after a failure wait (1 s, doubling up to 30 s) and
+        """Write the records in order; after a failure wait (1 s, doubling up to 10 s) and
         try the same record again."""
         delay = 1.0
         while True:
@@ -183,8 +187,8 @@ class RunLog:
                 with self._cond:
                     self._exporting = False
                     if _refused(err):
-                        print(f"MLflow: the store refused {record.what} ({cause(err)});"
-                              " it is not retried", flush=True)  # fmt: skip
+                        print(f"MLflow: {record.what} cannot be written ({cause(err)});"
+                              " dropped", flush=True)  # fmt: skip
                         self._done()
                         continue
                     if self.failure is None:
@@ -195,7 +199,7 @@ class RunLog:
                         )
                     self.failure = cause(err)
                     self._cond.wait(delay)  # a stop wakes it
-                delay = min(2 * delay, 30.0)
+                delay = min(2 * delay, 10.0)
                 continue
             with self._cond:
                 if self._stopped:  # given up meanwhile: the record is saved as pending too
@@ -231,9 +235,10 @@ class RunLog:
                 path.write_bytes(base64.b64decode(data["bytes"]))
                 client.log_artifact(run_id, str(path), data["folder"])
         elif record.kind == "model":
-            state = checkpoint.load(Path(data["checkpoint"]))
+            file = self.file.parent / data["checkpoint"]  # a copy's name, or absolute
+            state = checkpoint.load(file)
             if state["mlflow_run_id"] != run_id:
-                raise PipelineError(f"{data['checkpoint']} now holds run {state['mlflow_run_id']}")
+                raise PipelineError(f"{file} now holds run {state['mlflow_run_id']}")
             _log_model(self, state, data)
         elif record.kind == "end":
             client.set_terminated(run_id, data["status"], end_time=data["time"])
@@ -260,23 +265,39 @@ class RunLog:
                 self._cond.notify_all()
             self.left = rest
             if rest:
+                self._keep_model(rest)
                 save_pending(self.file, self.uri, rest)
-            elif self.file.exists():
-                self.file.unlink()
+            else:
+                self.file.unlink(missing_ok=True)
+                self.model_copy.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # the folder goes once it is empty
                     self.file.parent.rmdir()
         if stopped is not None:
             raise stopped
         return rest
 
+    def _keep_model(self, rest: list[Record]) -> None:
+        """A waiting model is logged later from a copy of its checkpoint beside the pending
+        file: out/train/model.pt may be a new training's by then, or (a queued experiment)
+        gone with its temporary workspace."""
+        for record in rest:
+            source = self.file.parent / record.data.get("checkpoint", "")
+            if record.kind == "model" and source != self.model_copy and source.is_file():
+                with atomic_path(self.model_copy) as tmp:
+                    shutil.copyfile(source, tmp)
+                record.data["checkpoint"] = self.model_copy.name
+
     def _wait(self) -> None:
-        told = False
+        """Until the queue is empty or the store has taken nothing for WAIT_SECONDS since the
+        wait began (logging the model may take longer, as long as it does not fail)."""
+        began, told = time.monotonic(), False
         with self._cond:
             while self._queue:
-                stalled = time.monotonic() - self._progress >= WAIT_SECONDS
-                if stalled and not self._exporting:
+                idle = time.monotonic() - max(self._progress, began)
+                stalled = 0.0 if self._exporting else idle
+                if stalled >= WAIT_SECONDS:
                     return
-                if self.failure is not None and not told:
+                if not told and (self.failure is not None or stalled >= 5):
                     print(
                         f"MLflow: waiting up to {WAIT_SECONDS} s for the store to take the"
                         f" last {len(self._queue)} writes (Ctrl-C stops waiting)",
@@ -297,9 +318,17 @@ class RunLog:
         finally:
             if self.left:
                 print(f"MLflow: run {self.run_id} lacks {describe(self.left)}: the store {self.uri}"
-                      f" did not take them ({self.failure or 'no answer'}); they wait in"
-                      f" {self.file}: `convnet log-pending` logs them once the store answers",
+                      f" did not take them ({self.failure or 'no answer yet'}); they wait in"
+                      f" {_shown(self.file)}: `convnet log-pending` logs them once the store"
+                      " answers",
                       flush=True)  # fmt: skip
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the current directory when it is under it."""
+    with contextlib.suppress(ValueError):
+        return path.relative_to(Path.cwd())
+    return path
 
 
 def _refused(err: Exception) -> bool:
@@ -340,6 +369,12 @@ def _log_model(log: RunLog, state: dict[str, Any], data: dict[str, Any]) -> None
     )  # fmt: skip
 
 
+def pending_folder() -> Path:
+    """out/train/mlflow-pending of the main repository (a queued experiment's own workspace
+    is deleted once it ends)."""
+    return root() / paths.MLFLOW_PENDING
+
+
 def load_pending(file: Path) -> tuple[str, list[Record]]:
     """A pending file's store URI and records."""
     try:
@@ -358,7 +393,7 @@ def log_pending(build: Build) -> list[str]:
     """Write what earlier trainings left in out/train/mlflow-pending/ to their runs (the command
     `convnet log-pending`); returns a line per run. TrackingError if a store still fails."""
     done = []
-    files = sorted(paths.MLFLOW_PENDING.glob("*.json"), key=lambda f: f.stat().st_mtime)
+    files = sorted(pending_folder().glob("*.json"), key=lambda f: f.stat().st_mtime)
     for file in files:
         uri, records = load_pending(file)
         with answering(uri):  # the store answers, or one line at once
@@ -366,8 +401,9 @@ def log_pending(build: Build) -> list[str]:
         log = RunLog(uri, file.stem, build)
         if rest := log.close():
             raise TrackingError(
-                f"MLflow store {uri}: {log.failure or 'no answer'}; run {file.stem} still lacks"
-                f" {describe(rest)} (in {file}): run `convnet log-pending` again once it answers"
+                f"MLflow store {uri}: {log.failure or 'no answer yet'}; run {file.stem} still lacks"
+                f" {describe(rest)} (in {_shown(file)}): run `convnet log-pending` again once it"
+                " answers"
             )
         done.append(f"MLflow: run {file.stem} now has {describe(records)}")
     return done
@@ -380,13 +416,13 @@ def training_run(
 ) -> Iterator[RunLog]:  # fmt: skip
     """Start a run (or reopen `run_id`) and yield its log; it ends FINISHED, or FAILED on any
     exception, Ctrl-C or SIGTERM. What earlier trainings left pending is logged first."""
-    experiment_id = setup()
-    if any(paths.MLFLOW_PENDING.glob("*.json")):
+    experiment_id, uri = setup(), tracking_uri()
+    if any(pending_folder().glob("*.json")):
         try:
             print("\n".join(log_pending(build)))
         except TrackingError as err:  # an earlier run's store: this training goes on
-            print(f"MLflow: {err}")
-    uri, client, log = tracking_uri(), mlflow.MlflowClient(tracking_uri()), None
+            print(err)
+    client, log = mlflow.MlflowClient(uri), None
     try:
         with held():  # an interrupt held here is raised inside `try`: the run ends FAILED
             with answering(uri):
