@@ -132,10 +132,10 @@ def train(params: Params) -> dict[str, float]:
 def _train(params: Params, dist: Dist, device: torch.device) -> dict[str, float]:
     """The run: set up (or resume), one epoch at a time, then the results (rank 0 writes)."""
     settings = params.train
-    if dist.main:
-        tracking.setup()  # the store answers, or one line before anything is loaded
     torch.manual_seed(params.seed)
-    data = load_processed(params.preprocess_inputs())
+    data = load_processed(params.preprocess_inputs())  # checked, not yet read
+    if dist.main:
+        tracking.setup()  # the store answers, or one line before the data are read
     train_set, val_set = _shards(data, dist, device)
     run, notes = _build(params, dist, device, data)
     resumed = _resume_state(params, dist, data.info)

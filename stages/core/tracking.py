@@ -75,15 +75,15 @@ def cause(err: BaseException) -> str:
     return lines[0][:300]
 
 
-def _fix(uri: str) -> str:
+def _fix(uri: str, reason: str) -> str:
+    elsewhere = "or point MLFLOW_TRACKING_URI at another store"
     if uri.startswith(("http:", "https:")):
-        return "start the server, or point MLFLOW_TRACKING_URI at another store"
+        return f"start the server, {elsewhere}"
+    if uri.startswith("sqlite:") and "locked" in reason:
+        return f"wait for (or stop) the process that holds it, {elsewhere}"
     if uri.startswith("sqlite:"):
-        return (
-            "stop what holds it, or move the file aside (a new store is made), or point"
-            " MLFLOW_TRACKING_URI at another store"
-        )
-    return "check it, or point MLFLOW_TRACKING_URI at another store"
+        return f"move the file aside (a new store is made), {elsewhere}"
+    return f"check it, {elsewhere}"
 
 
 @contextlib.contextmanager
@@ -98,7 +98,8 @@ def answering(uri: str | None = None) -> Iterator[None]:
     except PipelineError:
         raise
     except Exception as err:
-        raise TrackingError(f"MLflow store {uri}: {cause(err)}; {_fix(uri)}") from None
+        reason = cause(err)
+        raise TrackingError(f"MLflow store {uri}: {reason}; {_fix(uri, reason)}") from None
     finally:
         for key in added:
             os.environ.pop(key, None)
