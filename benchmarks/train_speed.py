@@ -32,11 +32,13 @@ from torchvision import datasets, transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nets/, stages/
 import nets  # noqa: E402
 from stages.data.augment import augment  # noqa: E402
+from stages.data.stream import Resident  # noqa: E402
 from stages.engine.device import Speed, has_conv  # noqa: E402
 from stages.engine.distributed import Dist  # noqa: E402
 from stages.engine.inference import predict_proba  # noqa: E402
-from stages.engine.loop import Engine, train_one_epoch  # noqa: E402
+from stages.engine.loop import train_one_epoch  # noqa: E402
 from stages.engine.schedules import Schedule  # noqa: E402
+from stages.engine.state import RunState  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
 
 SIZE, CROP, CLASSES = 64, 56, 10
@@ -98,13 +100,15 @@ def reference_epoch(root: Path, name: str, opts: dict, batch: int) -> None:
         opt.step()
 
 
-def engine_epoch(images, labels, name: str, opts: dict, batch: int, speed: Speed) -> None:
+def engine_epoch(train: Resident, name: str, opts: dict, batch: int, speed: Speed) -> None:
     model, opt = model_and_opt(name, opts, speed)
     t = TrainParams(batch_size=batch, crop_size=CROP, warmup_epochs=0, epochs=1, lr=0.01)
-    e = Engine(model, model, opt, Schedule(opt, t, len(labels) // batch),
-               nn.functional.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), None,
-               speed, Dist(), torch.Generator().manual_seed(0))  # fmt: skip
-    train_one_epoch(e, images, labels, t, 1)
+    run = RunState(
+        model, model, opt, Schedule(opt, t, len(train) // batch),
+        torch.amp.GradScaler("cpu", enabled=False), None, torch.Generator().manual_seed(0),
+        nn.functional.cross_entropy, speed, Dist(),
+    )  # fmt: skip
+    train_one_epoch(run, train, t, 1)
 
 
 def fixed_batch(images, name: str, opts: dict, batch: int, steps: int, speed: Speed) -> None:
@@ -171,7 +175,8 @@ def bench_model(root: Path, images, labels, name: str, args: argparse.Namespace)
             sp = SETTINGS[s]
             if sp.channels_last and not conv:  # as train does: the format only matters to convs
                 continue
-            run = partial(engine_epoch, images, labels, name, opts, batch, sp)
+            train = Resident(images.numpy(), labels.numpy(), CPU)
+            run = partial(engine_epoch, train, name, opts, batch, sp)
             eng[s] = max(eng.get(s, 0.0), best_rate(steps * batch, run, 1))
             run = partial(fixed_batch, images, name, opts, batch, steps, sp)
             limit[s] = max(limit.get(s, 0.0), best_rate(steps * batch, run, 1))

@@ -188,6 +188,15 @@ def results(
     _guard(lambda: command(dataset, model, as_csv, out))
 
 
+@app.command("log-pending")
+def log_pending() -> None:
+    """Log to MLflow what a training could not while the store failed (out/train/mlflow-pending)."""
+    from stages.core.runlog import log_pending as command
+    from stages.engine.model import from_checkpoint
+
+    _guard(lambda: typer.echo("\n".join(command(from_checkpoint)) or "MLflow: nothing waits"))
+
+
 @app.command()
 def models(params: Path = PARAMS) -> None:
     """List the models: their options (builder defaults, with the values params.yaml sets under

@@ -197,6 +197,9 @@ class TrainParams(_Section):
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     compile: bool = False  # torch.compile the model
     cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA only)
+    # GiB of the training device the training set may take whole ("auto": half of what is free
+    # there when training starts); a larger set is streamed from disk a batch at a time.
+    memory_budget: PositiveFloat | Literal["auto"] = "auto"
     ema_decay: float = Field(0.0, ge=0, lt=1)  # moving average of the weights (0 = off)
     histogram_every: NonNegativeInt = 0  # weight/activation histograms every N epochs (0 = off)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across DDP ranks

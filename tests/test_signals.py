@@ -4,10 +4,12 @@ import os
 import signal
 import time
 
+import mlflow
 import pytest
 
-from stages.core import errors
+from stages.core import errors, tracking
 from stages.core.errors import Interrupted
+from stages.core.runlog import training_run
 
 
 @pytest.fixture
@@ -34,3 +36,31 @@ def test_outside_a_held_block_the_signal_interrupts_at_once(handler):
         time.sleep(1)
     with errors.held():  # nothing pending is left over from before
         pass
+
+
+@pytest.mark.parametrize("opening", ["run", "training_run"])
+def test_an_interrupt_while_the_run_is_created_ends_it_failed(tmp_path, monkeypatch, opening):
+    """SIGTERM arriving while MLflow creates the run is held until the run exists, then ends
+    it FAILED (it used to stay open and end FINISHED when the process exited)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    create_run = mlflow.MlflowClient.create_run
+
+    def create_run_and_signal(self, *args, **kwargs):  # the real one, with a signal inside
+        os.kill(os.getpid(), signal.SIGTERM)
+        return create_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run_and_signal)
+    old = signal.signal(signal.SIGTERM, errors.on_signal)
+    try:
+        opened = tracking.run(run_name="x") if opening == "run" else training_run(None)
+        with pytest.raises(Interrupted), opened:
+            pytest.fail("the block ran")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        mlflow.end_run()  # none is left open; if one were, later tests would inherit it
+    [run] = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id]
+    )
+    assert run.info.status == "FAILED"

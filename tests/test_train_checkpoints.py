@@ -18,9 +18,10 @@ from stages import train as train_module
 from stages.cli import app
 from stages.core import checkpoint, tracking
 from stages.core.checkpoint import INFERENCE_KEYS, RESUME_KEYS, CheckpointError
+from stages.data.stream import Resident
 from stages.engine.device import Speed
 from stages.engine.distributed import Dist
-from stages.engine.loop import Engine, TrainingError, run_epoch
+from stages.engine.loop import TrainingError, run_epoch
 from stages.engine.losses import make_loss
 from stages.engine.model import load_trained
 from stages.engine.schedules import Schedule
@@ -126,21 +127,19 @@ def test_an_interrupted_run_leaves_the_previous_outputs_and_keeps_its_history_in
     assert last["history"][0]["lr"] == pytest.approx(0.02)
 
 
-def _run_state(seed: int, t: TrainParams) -> tuple[Engine, RunState]:
+def _run_state(seed: int, settings: TrainParams) -> RunState:
     """A small dropout net with every part of the state on: EMA, plateau schedule, momentum."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(3 * 12 * 12, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4)
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    s = RunState(
-        model, optimizer, Schedule(optimizer, t, 4), torch.amp.GradScaler("cpu", enabled=False),
-        ema, torch.Generator().manual_seed(seed),
+    return RunState(
+        model, model, optimizer, Schedule(optimizer, settings, 4),
+        torch.amp.GradScaler("cpu", enabled=False), ema, torch.Generator().manual_seed(seed),
+        make_loss("cross_entropy"), Speed(torch.device("cpu")), Dist(),
     )  # fmt: skip
-    e = Engine(model, model, optimizer, s.schedule, make_loss("cross_entropy"), s.scaler, ema,
-               Speed(torch.device("cpu")), Dist(), s.generator)  # fmt: skip
-    return e, s
 
 
 def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
@@ -150,20 +149,21 @@ def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
     images = torch.from_numpy(gen.integers(0, 255, (32, 16, 16, 3), dtype=np.uint8))
     labels = torch.arange(32) % 4
     val = (images[:12].numpy(), labels[:12].numpy())
+    train = Resident(images.numpy(), labels.numpy(), torch.device("cpu"))
 
-    e, s = _run_state(0, t)
-    s.end_epoch(1, run_epoch(e, (images, labels), val, t, 8, 1))
+    s = _run_state(0, t)
+    s.end_epoch(1, run_epoch(s, train, val, t, 8, 1))
     buffer = io.BytesIO()
     torch.save(s.state_dict(), buffer)  # as last.pt does
     assert set(s.state_dict()) == set(RESUME_KEYS)
-    s.end_epoch(2, run_epoch(e, (images, labels), val, t, 8, 2))  # the uninterrupted run
+    s.end_epoch(2, run_epoch(s, train, val, t, 8, 2))  # the uninterrupted run
 
     torch.manual_seed(123)  # another process: other RNG states, other initial weights
-    e2, s2 = _run_state(1, t)
+    s2 = _run_state(1, t)
     buffer.seek(0)
     s2.load_state_dict(torch.load(buffer, weights_only=True))
     assert s2.epoch == 1 and s2.since_best == 0
-    s2.end_epoch(2, run_epoch(e2, (images, labels), val, t, 8, 2))
+    s2.end_epoch(2, run_epoch(s2, train, val, t, 8, 2))
 
     for a, b in ((s.model, s2.model), (s.ema, s2.ema)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

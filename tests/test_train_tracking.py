@@ -1,6 +1,11 @@
 """What a training run records in MLflow: names, params, data, system metrics and the model."""
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -10,9 +15,12 @@ from train_helpers import make_processed, write_params
 
 from stages import params
 from stages import train as train_module
-from stages.core import tracking
+from stages.core import runlog, tracking
 from stages.data.writer import digest
+from stages.engine.model import from_checkpoint
 from stages.params import MODEL_TUNED
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -113,3 +121,98 @@ def test_experiment_made_before_the_tags_gets_them(store):
     tracking.setup()
     tags = mlflow.get_experiment_by_name("convnet-pipeline").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_moved_repository_keeps_writing_inside_itself(tmp_path, monkeypatch):
+    """The default store (mlflow.db, mlartifacts/) moves with the repository: the next run
+    writes its artifacts inside the new place, the old runs' artifacts still open there, and
+    nothing is written to (or re-created at) the old path."""
+    old, new = tmp_path / "repo", tmp_path / "moved repo"  # a space: percent-encoded in URIs
+    old.mkdir()
+    make_processed(old)
+    write_params(old, epochs=1)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.chdir(old)
+    train_module.train(params.load("params.yaml"))
+    old.rename(new)
+    monkeypatch.chdir(new)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # set by MLflow itself (for subprocesses)
+    train_module.train(params.load("params.yaml"))  # the last run finished: a new run
+
+    assert not old.exists()
+    uri = f"sqlite:///{new}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("convnet-pipeline")
+    assert experiment.artifact_location == (new / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri() + "/")
+        local = client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))
+        assert Path(local).read_text().startswith("epoch,")
+
+
+# Any of these makes MLflow skip telemetry by itself (mlflow.telemetry.utils): the test's
+# subprocess runs without them, like a user's shell.
+CI_VARIABLES = {
+    "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
+    "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
+    "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
+    "RUNBOT_WORKER_ID", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "XDG_CONFIG_HOME",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("setting", "written"), [(None, False), ("false", True)])
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, setting, written):
+    """No installation id under the home folder, unless MLFLOW_DISABLE_TELEMETRY=false."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in CI_VARIABLES}
+    env |= {"HOME": str(home), "PYTHONPATH": str(REPO)}
+    if setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = setting
+    command = [sys.executable, "-m", "stages", "results"]  # opens an (empty) store: exit 1
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert "no finished runs" in done.stderr.decode()
+    assert (home / ".config/mlflow/telemetry.json").exists() == written
+
+
+def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypatch, capsys):
+    """The store locked as training ends: model.pt and history.csv are written all the same;
+    the last line names what the run lacks; `log_pending` (`convnet log-pending`) writes it
+    later, the model from a copy of model.pt kept beside the pending log."""
+    monkeypatch.setattr(runlog, "WAIT_SECONDS", 3)  # a minute in use
+    lock = sqlite3.connect(store / "mlflow.db", isolation_level=None, check_same_thread=False)
+    finish = train_module._finish
+
+    def finish_while_locked(*args) -> None:
+        lock.execute("BEGIN EXCLUSIVE")  # what another process would hold
+        finish(*args)
+
+    monkeypatch.setattr(train_module, "_finish", finish_while_locked)
+    try:
+        train_module.train(params.load("params.yaml", ["train.epochs=1"]))
+    finally:
+        lines = capsys.readouterr().out.strip().splitlines()
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert "history.csv, mean.png, the model and its end (FINISHED): the store" in lines[-1]
+    assert "`convnet log-pending` logs them" in lines[-1]
+    assert (store / "out/train/model.pt").exists() and (store / "out/train/history.csv").exists()
+    [pending] = (store / "out/train/mlflow-pending").glob("*.json")
+    assert pending.with_suffix(".model.pt").exists()
+    (store / "out/train/model.pt").unlink()  # e.g. replaced by another training meanwhile
+
+    [line] = runlog.log_pending(from_checkpoint)
+    assert line.endswith("history.csv, mean.png, the model and its end (FINISHED)")
+    assert not (store / "out/train/mlflow-pending").exists()
+    run = _only_run()
+    assert run.info.status == "FINISHED"
+    files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"history.csv", "mean.png"} <= files
+    [model] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert model.source_run_id == run.info.run_id and model.name == "digits-mlp"

@@ -21,3 +21,6 @@ REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, conf
 LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate
 LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)
 BEST = TRAIN / "best.pt"  # the epoch with the best validation top-1
+# What a training could not write to its MLflow run (the store failing): one JSON per run,
+# written there by `convnet log-pending` or the next training.
+MLFLOW_PENDING = TRAIN / "mlflow-pending"

@@ -10,6 +10,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
@@ -127,3 +128,16 @@ def prepare(model: nn.Module, speed: Speed) -> nn.Module:
 
 def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def memory_budget(setting: float | str, device: torch.device) -> int:
+    """Bytes the training set may take on `device`: `setting` GiB, or "auto": half of what is
+    free there now (GPU memory, or the machine's available memory for the CPU), the rest left
+    to the model, its activations and everything else."""
+    if setting != "auto":
+        return int(float(setting) * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = psutil.virtual_memory().available
+    return free // 2

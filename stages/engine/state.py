@@ -1,4 +1,4 @@
-"""A training run's state: everything that carries over from one epoch to the next.
+"""A training run's state: the parts every step touches and what carries over between epochs.
 
 `RunState.state_dict()` is what last.pt and best.pt hold besides the model's inference keys
 (its keys are stages.core.checkpoint.RESUME_KEYS); resuming a run is
@@ -9,6 +9,7 @@ augmentations and dropout masks as one that was never interrupted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,20 +17,26 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from stages.engine.device import Speed
+from stages.engine.distributed import Dist
 from stages.engine.schedules import Schedule
 
 
 @dataclass(eq=False)
 class RunState:
-    """The model, its optimizer, schedule, scaler, EMA, RNGs, and the run's bookkeeping."""
+    """Everything one training run builds once (model, optimizer, schedule, scaler, EMA, batch
+    generator, loss, device settings) and its bookkeeping from epoch to epoch."""
 
-    model: nn.Module  # the plain model that trains (not DDP-wrapped, not compiled)
+    net: nn.Module  # what trains: `model`, DDP-wrapped and/or compiled
+    model: nn.Module  # the plain model: state dicts, evaluation
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None  # moving average of the weights (train.ema_decay), or None
     generator: torch.Generator  # batch order and augmentations, on the training device
-    world: int = 1  # processes training together; a run resumes only with as many
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    speed: Speed  # device, precision, memory format
+    dist: Dist = field(default_factory=Dist)  # the processes training together
     history: list[dict[str, float]] = field(default_factory=list)  # a row per finished epoch
     best: float = -1.0  # the best validation top-1 so far (of the EMA weights when on)
     since_best: int = 0  # epochs since `best` last rose (train.patience)
@@ -81,7 +88,7 @@ class RunState:
             "best": self.best,
             "since_best": self.since_best,
             "mlflow_run_id": self.mlflow_run_id,
-            "world": self.world,
+            "world": self.dist.world,  # a run resumes only with as many processes
             "complete": self.complete,
         }
 
@@ -100,5 +107,4 @@ class RunState:
             torch.cuda.set_rng_state(rng["cuda"], device)
         self.history = list(state["history"])
         self.best, self.since_best = state["best"], state["since_best"]
-        self.mlflow_run_id = state["mlflow_run_id"]
-        self.world, self.complete = state["world"], state["complete"]
+        self.mlflow_run_id, self.complete = state["mlflow_run_id"], state["complete"]

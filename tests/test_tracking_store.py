@@ -1,0 +1,301 @@
+"""The MLflow store never costs a trained model: a sqlite lock or a stopped server mid-training
+is waited out in the background, what the store never takes is logged later, and a store that
+does not answer at the start stops training at once with one line. Real stores: a sqlite file
+locked by another connection, an `mlflow server` on 127.0.0.1 stopped and started again."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from train_helpers import make_processed, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+CURVES = ("train_loss", "val_top1", "system/cpu_utilization_percentage")
+
+
+def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
+    e = dict(os.environ, PYTHONPATH=str(REPO), **extra)
+    e["MLFLOW_TRACKING_URI"] = uri or f"sqlite:///{root}/mlflow.db"
+    for key in ("WORLD_SIZE", "DVC_ROOT", "DVC_EXP_NAME"):
+        e.pop(key, None)
+    return e
+
+
+def setup(root: Path, **train) -> None:
+    root.mkdir()
+    make_processed(root, n_train=480)
+    write_params(root, **train)
+
+
+class Command:
+    """`python -m stages ...` in `root`, its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, root: Path, environ: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stages", *args], cwd=root, env=environ, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._new.put(line.rstrip("\n"))
+        self._new.put(None)
+
+    @property
+    def epochs(self) -> int:
+        return sum(line.startswith("epoch ") for line in self.lines)
+
+    def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read lines until `done()`; False if the output ended or `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            try:
+                line = self._new.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    return False
+                continue
+            if line is None:
+                return done()
+            self.lines.append(line)
+        return True
+
+    def finish(self, timeout: float = 300) -> int:
+        """Its exit code, once its output ended (AssertionError if it runs past `timeout`)."""
+        self.until(lambda: False, timeout)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running after {timeout} s:\n{self.output}") from None
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Command]]:
+    """Start Commands; any still running when the test ends is killed."""
+    started: list[Command] = []
+
+    def start(root: Path, environ: dict[str, str], *args: str) -> Command:
+        started.append(Command(root, environ, *args))
+        return started[-1]
+
+    yield start
+    for command in started:
+        if command.proc.poll() is None:
+            command.proc.kill()
+            command.proc.wait()
+
+
+@contextlib.contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Another process's exclusive lock on the sqlite store: nobody reads or writes it."""
+    con = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1:`port` over a sqlite store in `folder`; stop() ends its
+    whole process group, start() brings it back on the same port and store."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        folder.mkdir(exist_ok=True)
+        self.folder, self.port, self.proc = folder, port, None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout: float = 180) -> None:
+        exe = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                    return
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def server(folder: Path) -> Iterator[Server]:
+    handle = Server(folder, free_port())
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def only_run(uri: str) -> mlflow.entities.Run:
+    client = mlflow.MlflowClient(uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == "convnet-pipeline"]
+    [run] = client.search_runs([experiment.experiment_id])
+    return run
+
+
+def assert_complete(root: Path, uri: str, epochs: int, status: str = "FINISHED") -> None:
+    """model.pt written; the run holds every epoch's curves, its files and model; nothing is
+    left pending."""
+    assert (root / "out/train/model.pt").exists()
+    assert not (root / "out/train/mlflow-pending").exists()
+    run = only_run(uri)
+    client = mlflow.MlflowClient(uri)
+    assert run.info.status == status
+    for key in CURVES:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), key
+    assert run.data.params["train.epochs"] == str(epochs)
+    if status == "FINISHED":
+        files = {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert {"history.csv", "mean.png"} <= files
+        [model] = client.search_logged_models([run.info.experiment_id])
+        assert model.source_run_id == run.info.run_id and model.name == "digits-mlp"
+
+
+def test_a_sqlite_store_locked_for_10_s_mid_training_costs_nothing(tmp_path, spawn):
+    """Training goes on while another process holds the store (MLflow alone blocked it, then
+    failed after 20 s); every epoch's metrics reach the run once the lock is gone."""
+    root = tmp_path / "lock"
+    setup(root, epochs=8)
+    train = spawn(root, env(root), "train")
+    assert train.until(lambda: train.epochs >= 1, 300), train.output
+    with locked(root / "mlflow.db"):
+        start, before = time.monotonic(), train.epochs
+        train.until(lambda: train.epochs >= before + 2 and time.monotonic() - start >= 10, 90)
+        during = train.epochs - before
+    assert train.finish() == 0, train.output
+    assert during >= 2, train.output  # epochs finished while the store was locked
+    assert_complete(root, f"sqlite:///{root}/mlflow.db", 8)
+
+
+def test_an_mlflow_server_stopped_and_restarted_mid_training_costs_nothing(tmp_path, spawn):
+    root = tmp_path / "served"
+    setup(root, epochs=8)
+    with server(tmp_path / "server") as store:
+        # MLflow's own retries of one request (minutes, doubling) are off: the log retries.
+        train = spawn(root, env(root, store.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), "train")
+        assert train.until(lambda: train.epochs >= 1, 300), train.output
+        store.stop()
+        before = train.epochs
+        train.until(lambda: train.epochs >= before + 2, 60)
+        during = train.epochs - before
+        store.start()
+        assert train.finish() == 0, train.output
+        assert during >= 2, train.output  # epochs finished while the server was down
+        assert "does not answer" in train.output and "answers again" in train.output
+        assert_complete(root, store.url, 8)
+
+
+def test_what_the_store_never_took_is_logged_later_by_log_pending(tmp_path, spawn):
+    """Ctrl-C while the store is locked: the run cannot even be marked FAILED. A second Ctrl-C
+    stops waiting; the last line names what the run lacks and the command that logs it."""
+    root = tmp_path / "pending"
+    setup(root, epochs=30)
+    train = spawn(root, env(root), "train")
+    assert train.until(lambda: train.epochs >= 1, 300), train.output
+    with locked(root / "mlflow.db"):
+        before = train.epochs
+        train.until(lambda: train.epochs >= before + 1, 60)
+        train.proc.send_signal(signal.SIGINT)
+        assert train.until(lambda: "Ctrl-C stops waiting" in train.output, 120), train.output
+        train.proc.send_signal(signal.SIGINT)
+        assert train.finish() == 130, train.output
+    [lacks] = [line for line in train.lines if "lacks" in line]
+    # The epochs after the lock (the one being saved at Ctrl-C too, if it was queued).
+    last = int(re.search(r"the metrics \(epochs? [^)]*?(\d+)\)", lacks)[1])
+    assert last in (train.epochs, train.epochs + 1), lacks
+    assert "its end (FAILED)" in lacks and "`convnet log-pending` logs them" in lacks
+    assert train.lines[-1].startswith("error: interrupted by Ctrl-C (SIGINT); training stopped")
+    assert (root / "out/train/mlflow-pending").is_dir()
+
+    logged = spawn(root, env(root), "log-pending")
+    assert logged.finish() == 0, logged.output
+    assert "now has" in logged.output and "its end (FAILED)" in logged.output
+    run = only_run(f"sqlite:///{root}/mlflow.db")
+    assert run.info.status == "FAILED"
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+    assert sorted(steps) == list(range(1, last + 1))
+    assert not (root / "out/train/mlflow-pending").exists()
+    again = spawn(root, env(root), "log-pending")
+    assert again.finish() == 0 and again.lines == ["MLflow: nothing waits"], again.output
+
+
+def _refused_at_start(spawn, root: Path, environ: dict[str, str], reason: str) -> None:
+    """`train` exits 1 with one line naming the store and `reason`, before it trains."""
+    train = spawn(root, environ, "train")
+    assert train.finish(timeout=120) == 1, train.output
+    [line] = train.lines
+    assert line.startswith(f"error: MLflow store {environ['MLFLOW_TRACKING_URI']}: {reason}")
+    assert not (root / "out/train").exists()  # nothing trained, nothing written
+
+
+def test_a_corrupt_or_locked_sqlite_store_stops_training_before_it_starts(tmp_path, spawn):
+    root = tmp_path / "corrupt"
+    setup(root)
+    db = root / "mlflow.db"
+    db.write_bytes(b"not a database " * 1000)
+    _refused_at_start(spawn, root, env(root), "file is not a database; ")
+
+    db.unlink()
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # a new, empty store
+    with locked(db):
+        _refused_at_start(spawn, root, env(root), "database is locked; ")
+
+
+def test_a_server_that_is_down_stops_training_before_it_starts(tmp_path, spawn):
+    root = tmp_path / "down"
+    setup(root)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    _refused_at_start(spawn, root, env(root, url), "[Errno 111] Connection refused; start the")
