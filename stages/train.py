@@ -333,7 +333,9 @@ def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None
     write_json(paths.TRAIN_PARAMS, {k: getattr(params.train, k) for k in MODEL_TUNED})
     checkpoint.save(paths.LAST, model | run.state_dict())
     log.artifact(paths.HISTORY)
-    log.artifact(paths.PROCESSED / "mean.png")
+    mean_png = paths.PROCESSED / "mean.png"
+    if mean_png.is_file():  # a picture only: processed data made without it still train
+        log.artifact(mean_png)
     _log_model(log, params)
 
 
