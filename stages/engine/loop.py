@@ -52,9 +52,11 @@ def run_epoch(
 
 
 def train_one_epoch(
-    run: RunState, train: Resident | Streamed, settings: TrainParams, epoch: int
-) -> dict[str, float]:
-    """One pass over a fresh permutation of the training set (resident or streamed).
+    run: RunState, train: Resident | Streamed, settings: TrainParams, epoch: int,
+    steps: int | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """One pass over a fresh permutation of the training set (resident or streamed), or its
+    first `steps` batches (benchmarks/presets.py).
 
     Under DDP every rank draws the same permutation (same generator state) and trains on its
     part of each global batch: together the ranks take the steps one process would.
@@ -65,7 +67,7 @@ def train_one_epoch(
     device, dist = run.speed.device, run.dist
     # train.batch_size is the global batch (rounded down to a multiple of the ranks).
     batch = max(1, settings.batch_size // dist.world) * dist.world
-    steps = run.schedule.steps_per_epoch  # the same on every rank: DDP steps in lockstep
+    steps = steps or run.schedule.steps_per_epoch  # the same on every rank: DDP's lockstep
     order = torch.randperm(len(train), device=device, generator=run.generator)
     part = dist.part(min(batch, len(train)))  # this rank's share of each global batch
     within = (part.start, min(batch, len(train)))  # augmentation draws for it, see Draws

@@ -1,0 +1,88 @@
+"""Every Tiny ImageNet preset on real data, on this machine: its first steps, its loss falling,
+its images/s, and the projected time of its whole recipe.
+
+    python benchmarks/presets.py --processed PATH/out/processed [--steps 200] [--presets a,b]
+
+PATH is a workspace where `dvc repro preprocess` (or `python -m stages preprocess -S
+dataset=tiny-imagenet`) ran on the real set. For each preset of presets/recipes.yaml whose dataset
+is tiny-imagenet, the model, optimizer, schedule and augmentation are built exactly as the train
+stage builds them (its params, on the CPU), then trained for --steps steps by the engine's own
+loop (stages.engine.loop.train_one_epoch, --steps/10 batches at a time) on the real training set.
+Prints the mean loss of each tenth of the steps (falling: it learns), the training images/s, and
+epochs x 100,000 images / that rate: the recipe's training time here (validation not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's nets/ and stages/
+sys.path.insert(0, str(REPO / "presets"))
+from args import RECIPES, args  # noqa: E402
+
+import nets  # noqa: E402
+from stages import params as params_module  # noqa: E402
+from stages import train as train_stage  # noqa: E402
+from stages.data.processed import load_processed  # noqa: E402
+from stages.data.stream import Resident  # noqa: E402
+from stages.engine.distributed import Dist  # noqa: E402
+from stages.engine.loop import train_one_epoch  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def bench(name: str, processed: Path, steps: int) -> str:
+    overrides = [a for a in args(name) if a != "-S"] + ["train.device=cpu"]
+    p = params_module.load(REPO / "params.yaml", overrides, defaults=nets.train_defaults)
+    data = load_processed(p.preprocess_inputs(), folder=processed)
+    torch.manual_seed(p.seed)
+    run, _ = train_stage._build(p, Dist(), CPU, data)  # exactly as the train stage builds it
+    train = Resident(data.train_images, data.train_labels, CPU)
+    losses, seen, seconds = [], 0.0, 0.0
+    chunk = max(1, steps // 10)
+    for _ in range(steps // chunk):
+        start = time.perf_counter()
+        row = train_one_epoch(run, train, p.train, 1, steps=chunk)
+        seconds += time.perf_counter() - start
+        losses.append(row["train_loss"])
+        seen += row["images"]
+    rate = seen / seconds
+    recipe = p.train.epochs * len(data.train_labels) / rate
+    falling = "falling" if losses[-1] < losses[0] else "NOT falling"
+    return (
+        f"| {name} | {p.model} | {p.train.batch_size} | {p.train.epochs} | {rate:,.1f} |"
+        f" {' '.join(f'{v:.2f}' for v in losses)} ({falling}) | {hours(recipe)} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--processed", type=Path, required=True, help="the real set's out/processed")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument(
+        "--presets", default="", help="comma-separated (default: every Tiny ImageNet one)"
+    )
+    a = ap.parse_args()
+    names = a.presets.split(",") if a.presets else [
+        n for n, r in RECIPES.items() if r.get("dataset") == "tiny-imagenet"
+    ]  # fmt: skip
+    print(f"{a.steps} steps each, {torch.get_num_threads()} threads, {a.processed}")
+    print("| preset | model | batch | epochs | images/s | loss per tenth of the steps |"
+          " recipe's training time here |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        print(bench(name, a.processed, a.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
