@@ -26,8 +26,9 @@ Your data, read by the download stage (params.yaml: download.data_dir):
 
 - dataset=folder: your images in images/<class name>/*.jpg (or .png, .webp), one folder per
   class (download.folder names images/);
-- real datasets (mnist, cifar10, tiny-imagenet): their archives, put here by hand for an
-  offline run; they are used before any network access.
+- real datasets (mnist, cifar10, tiny-imagenet, imagenet64): their official archives or the
+  same extracted (tiny-imagenet-200/, cifar-10-batches-bin/, the four MNIST idx files,
+  ImageNet 64x64's npz files), put here by hand; they are used before any network access.
 
 Any change in here reruns download, and what follows, at the next `dvc repro`.
 `dvc add data` versions this folder in data.dvc (then `git add data.dvc`), so queued
