@@ -74,6 +74,17 @@ def test_every_source_declares_every_part():
             assert source.image_size is not None, module.__name__
 
 
+def extract_into_data(members: dict[str, bytes], change=None) -> None:
+    """Write an archive's members under data/, as a user who extracted it has them; `change`
+    edits the members first."""
+    if change:
+        change(members)
+    for name, data in members.items():
+        path = Path("data") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
 # --- Tiny ImageNet ------------------------------------------------------------------------
 
 SMALL = tiny_imagenet.Layout(classes=3, train_per_class=4, val_per_class=2, test=3)
@@ -87,12 +98,7 @@ def extract_tiny(monkeypatch, change=None) -> fakes.TinyImageNet:
     members = dict(fake.members)
     members["tiny-imagenet-200/.DS_Store"] = b"\0"
     members["tiny-imagenet-200/train/n01443537/images/.DS_Store"] = b"\0"
-    if change:
-        change(members)
-    for name, data in members.items():
-        path = Path("data") / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    extract_into_data(members, change)
     return fake
 
 
@@ -159,12 +165,7 @@ def extract_cifar(monkeypatch, change=None):
     monkeypatch.setattr(cifar10, "PER_BATCH", 5)
     archive, images, labels = fakes.cifar10(per_batch=5)
     members = fakes.tar_members(archive)
-    if change:
-        change(members)
-    for name, data in members.items():
-        path = Path("data") / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    extract_into_data(members, change)
     return images, labels
 
 
