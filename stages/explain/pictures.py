@@ -52,7 +52,8 @@ def plot_predictions(
     top: int = 5,
     title: str = "",
 ) -> None:
-    """One block per image: the image, its saliency map and a bar chart of the top-k classes.
+    """One block per image: the image, its saliency map drawn over it, and a bar chart of the
+    top-k classes.
 
     images (N, 3, H, W) in [0, 1]; maps (N, H, W) saliency; probs (N, K). With `gold` the true
     class is named above the image and its bar drawn green (red bars: wrong top-1).
@@ -70,10 +71,13 @@ def plot_predictions(
     for i in range(n):
         r, c = divmod(i, per_row)
         ax_img, ax_sal, ax_bar = axes[r, 3 * c : 3 * c + 3]
-        ax_img.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        photo = images[i].permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
+        ax_img.imshow(photo, interpolation="nearest")
         label = titles[i] if titles else (f"gold: {classes[gold[i]]}" if gold else "")
         ax_img.set_title(label, fontsize=8)
-        ax_sal.imshow(maps[i].numpy(), cmap="hot", interpolation="nearest")
+        # The map over the photograph, greyed so the colours are the map's: where it looks.
+        ax_sal.imshow(photo.mean(-1), cmap="gray", interpolation="nearest")
+        ax_sal.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, interpolation="bilinear")
         ax_sal.set_title("saliency", fontsize=8)
         p, idx = probs[i].topk(k)  # (k,), (k,)
         colours = ["tab:blue"] * k
