@@ -289,6 +289,13 @@ def _log_start(
     tags = {"device": device, "precision": run.speed.precision}
     if resumed_from is not None:  # params and data were logged before the interruption
         log.batch("the tags", tags=tags | {"resumed_from_epoch": resumed_from})
+        # A kill (SIGKILL, a node lost) takes the metrics still queued with it: last.pt's
+        # history has every finished epoch, so the store gets the ones it lacks.
+        logged = log.steps("val_top1")
+        for row in run.history if logged is not None else []:
+            if int(row["epoch"]) not in logged:
+                metrics = {k: v for k, v in row.items() if k != "epoch"}
+                log.batch("the metrics", int(row["epoch"]), metrics)
         return
     skipped = data.info.get("skipped_images")  # undecodable files (preprocess.skip_bad_images)
     metrics = {"data_skipped_images": skipped} if skipped else {}

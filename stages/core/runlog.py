@@ -133,6 +133,14 @@ class RunLog:
         values = {"metrics": metrics or {}, "params": params or {}, "tags": tags or {}}
         self._add(Record(what, "batch", values | {"time": _now()}, step))
 
+    def steps(self, key: str) -> set[int] | None:
+        """The steps at which the store holds metric `key` now (None: it does not answer)."""
+        try:
+            with answering(self.uri):
+                return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        except TrackingError:
+            return None
+
     def input(self, dataset: mlflow.data.dataset.Dataset, context: str) -> None:
         """A dataset input (`mlflow.data.from_numpy(...)`), e.g. context "training"."""
         self._add(Record(f"the {context} dataset", "input", {"dataset": dataset.to_dict(),
