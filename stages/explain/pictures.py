@@ -41,6 +41,18 @@ def tile_grid(
     return grid.permute(1, 2, 0).numpy()  # (H, W, 3)
 
 
+def heat(saliency: torch.Tensor) -> np.ndarray:
+    """(H, W) saliency -> (H, W, 4) RGBA to lay over a greyed photograph: colour and opacity grow
+    with the value (scaled to its 99th percentile), so the photograph shows where the map is low."""
+    from matplotlib import colormaps
+
+    m = saliency.float()
+    m = (m / m.quantile(0.99).clamp_min(1e-12)).clamp(0, 1).numpy()  # (H, W) in [0, 1]
+    rgba = colormaps["inferno"](m)  # (H, W, 4)
+    rgba[..., 3] = 0.9 * m**0.7
+    return rgba
+
+
 def plot_predictions(
     images: torch.Tensor,
     maps: torch.Tensor,
@@ -75,9 +87,8 @@ def plot_predictions(
         ax_img.imshow(photo, interpolation="nearest")
         label = titles[i] if titles else (f"gold: {classes[gold[i]]}" if gold else "")
         ax_img.set_title(label, fontsize=8)
-        # The map over the photograph, greyed so the colours are the map's: where it looks.
         ax_sal.imshow(photo.mean(-1), cmap="gray", interpolation="nearest")
-        ax_sal.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, interpolation="bilinear")
+        ax_sal.imshow(heat(maps[i]), interpolation="bilinear")
         ax_sal.set_title("saliency", fontsize=8)
         p, idx = probs[i].topk(k)  # (k,), (k,)
         colours = ["tab:blue"] * k
