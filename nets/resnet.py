@@ -2,8 +2,9 @@
 
 torchvision's class is reused rather than rewritten so the state-dict keys match torchvision's
 pretrained weights everywhere except conv1 (useful for transfer learning later). Its stem (7x7
-stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one 3x3 conv of stride
-`stem_stride` and no max-pool, as in the CIFAR ResNets.
+stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one conv of stride
+`stem_stride` (3x3, or stride x stride patches beyond stride 3) and no max-pool, as in the CIFAR
+ResNets.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ def _resnet(
     model = ResNet(
         block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual
     )
-    model.conv1 = nn.Conv2d(3, 64, 3, stride=stem_stride, padding=1, bias=False)  # (B, 64, s, s)
+    # A kernel that covers every pixel: 3x3 up to stride 3; beyond, stride x stride patches (a
+    # 3x3 kernel at stride 4 never sees 7 of each 16 pixels, and its saliency maps show the
+    # grid). On Tiny ImageNet at stride 4 both reach the same top-1 after 3 epochs, the
+    # patches with a lower validation loss.
+    kernel = max(3, stem_stride)
+    model.conv1 = nn.Conv2d(
+        3, 64, kernel, stride=stem_stride, padding=1 if kernel == 3 else 0, bias=False
+    )  # (B, 64, s, s)
     model.maxpool = nn.Identity()
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     init_weights(model.fc, linear="xavier")  # the project's convention for Linear layers
