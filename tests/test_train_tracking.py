@@ -155,12 +155,13 @@ def test_a_moved_repository_keeps_writing_inside_itself(tmp_path, monkeypatch):
 
 
 # Any of these makes MLflow skip telemetry by itself (mlflow.telemetry.utils): the test's
-# subprocess runs without them, like a user's shell.
+# subprocess runs without them (nor a store chosen by an earlier test), like a user's shell.
 CI_VARIABLES = {
     "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
     "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
     "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
     "RUNBOT_WORKER_ID", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "XDG_CONFIG_HOME",
+    "MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME",
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.core.errors import PipelineError
+from stages.core.errors import PipelineError, held
 
 CHUNK = 256  # files per task: large enough to amortise IPC, small enough for a smooth bar
 
@@ -216,6 +217,7 @@ def _worker_init() -> None:
     # alone handles it, stopping the pool.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by _start_pool
     # One thread per worker process: the processes are the parallelism.
     try:
         import torch
@@ -226,6 +228,32 @@ def _worker_init() -> None:
 
 
 Block = tuple[int, np.ndarray, list[tuple[int, str]]]  # (first index, images, [(index, why)])
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool of `workers` decoding processes, started so that no Ctrl-C is lost: a signal
+    handled inside fork's own hooks (CPython runs them) has its exception printed and dropped,
+    so the parent finished as if never interrupted. The handler is held while forking, and the
+    signals blocked, so a worker takes them only once `_worker_init` has set its own handlers."""
+    # fork (Linux) starts workers in milliseconds; elsewhere fork is unsafe, so spawn.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = None
+    try:
+        with held():
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                pool = ctx.Pool(workers, initializer=_worker_init)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except BaseException:  # Ctrl-C while starting: raised here, once the pool exists
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        raise
+    return pool
 
 
 def decode_blocks(
@@ -251,9 +279,7 @@ def decode_blocks(
                 bar.update(len(block[1]))
                 yield block
             return
-        # fork (Linux) starts workers in milliseconds; elsewhere fork is unsafe, so spawn.
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ctx.Pool(workers, initializer=_worker_init)
+        pool = _start_pool(workers)
         try:
             for block in pool.imap_unordered(_decode_chunk, tasks):
                 bar.update(len(block[1]))
