@@ -33,6 +33,24 @@ def test_recipe_validates(name):
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_gives_the_same_run_whatever_ran_before(name, tmp_path):
+    """A finished `dvc exp run` leaves its params in params.yaml: the next recipe starts there."""
+    clean = params.load(REPO / "params.yaml", overrides(name), defaults=nets.train_defaults)
+    for before in RECIPES:
+        left = yaml.safe_load((REPO / "params.yaml").read_text())
+        for item in overrides(before):  # what `dvc exp run -S ...` writes into params.yaml
+            key, value = item.split("=", 1)
+            *path, last = key.split(".")
+            node = left
+            for part in path:
+                node = node[part]
+            node[last] = yaml.safe_load(value)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(left))
+        after = params.load(tmp_path / "params.yaml", overrides(name), defaults=nets.train_defaults)
+        assert after == clean, f"{name} after {before}"
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_trains_two_steps(name, tmp_path, monkeypatch):
     p = params.load(REPO / "params.yaml", overrides(name) + TINY, defaults=nets.train_defaults)
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
