@@ -26,6 +26,9 @@ from train_helpers import make_processed, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 CURVES = ("train_loss", "val_top1", "system/cpu_utilization_percentage")
+# Trainings that last 15 s or more here (an epoch of 4,800 images: about 0.25 s), so the store
+# fails while training still runs, however late the test reads its output.
+LONG = {"n_train": 4800, "epochs": 60}
 
 
 def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
@@ -36,9 +39,9 @@ def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
     return e
 
 
-def setup(root: Path, **train) -> None:
+def setup(root: Path, n_train: int = 480, **train) -> None:
     root.mkdir()
-    make_processed(root, n_train=480)
+    make_processed(root, n_train=n_train)
     write_params(root, **train)
 
 
@@ -207,53 +210,59 @@ def test_a_sqlite_store_locked_for_10_s_mid_training_costs_nothing(tmp_path, spa
     """Training goes on while another process holds the store (MLflow alone blocked it, then
     failed after 20 s); every epoch's metrics reach the run once the lock is gone."""
     root = tmp_path / "lock"
-    setup(root, epochs=8)
+    setup(root, **LONG)
     train = spawn(root, env(root), "train")
     assert train.until(lambda: train.epochs >= 1, 300), train.output
     with locked(root / "mlflow.db"):
         start, before = time.monotonic(), train.epochs
-        train.until(lambda: train.epochs >= before + 2 and time.monotonic() - start >= 10, 90)
+        train.until(lambda: train.epochs >= before + 5 and time.monotonic() - start >= 10, 90)
         during = train.epochs - before
     assert train.finish() == 0, train.output
-    assert during >= 2, train.output  # epochs finished while the store was locked
-    assert_complete(root, f"sqlite:///{root}/mlflow.db", 8)
+    assert during >= 5, train.output  # epochs finished while the store was locked
+    assert_complete(root, f"sqlite:///{root}/mlflow.db", LONG["epochs"])
 
 
 def test_an_mlflow_server_stopped_and_restarted_mid_training_costs_nothing(tmp_path, spawn):
     root = tmp_path / "served"
-    setup(root, epochs=8)
+    setup(root, **LONG)
     with server(tmp_path / "server") as store:
         # MLflow's own retries of one request (minutes, doubling) are off: the log retries.
         train = spawn(root, env(root, store.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), "train")
         assert train.until(lambda: train.epochs >= 1, 300), train.output
         store.stop()
         before = train.epochs
-        train.until(lambda: train.epochs >= before + 2, 60)
+        train.until(lambda: train.epochs >= before + 5, 60)
         during = train.epochs - before
         store.start()
         assert train.finish() == 0, train.output
-        assert during >= 2, train.output  # epochs finished while the server was down
-        assert "does not answer" in train.output and "answers again" in train.output
-        assert_complete(root, store.url, 8)
+        assert during >= 5, train.output  # epochs finished while the server was down
+        # Epochs went on between the store's failure and its return, in the training's own order.
+        failed, back = (next(i for i, line in enumerate(train.lines) if text in line)
+                        for text in ("does not answer", "answers again"))  # fmt: skip
+        assert any(line.startswith("epoch ") for line in train.lines[failed:back]), train.output
+        assert_complete(root, store.url, LONG["epochs"])
 
 
 def test_what_the_store_never_took_is_logged_later_by_log_pending(tmp_path, spawn):
     """Ctrl-C while the store is locked: the run cannot even be marked FAILED. A second Ctrl-C
     stops waiting; the last line names what the run lacks and the command that logs it."""
     root = tmp_path / "pending"
-    setup(root, epochs=30)
+    setup(root, **LONG)
     train = spawn(root, env(root), "train")
     assert train.until(lambda: train.epochs >= 1, 300), train.output
     with locked(root / "mlflow.db"):
-        before = train.epochs
-        train.until(lambda: train.epochs >= before + 1, 60)
+        start, before = time.monotonic(), train.epochs
+        assert train.until(lambda: train.epochs >= before + 5 and time.monotonic() - start >= 2,
+                           60), train.output  # fmt: skip
         train.proc.send_signal(signal.SIGINT)
         assert train.until(lambda: "Ctrl-C stops waiting" in train.output, 120), train.output
         train.proc.send_signal(signal.SIGINT)
         assert train.finish() == 130, train.output
     [lacks] = [line for line in train.lines if "lacks" in line]
     # The epochs after the lock (the one being saved at Ctrl-C too, if it was queued).
-    last = int(re.search(r"the metrics \(epochs? [^)]*?(\d+)\)", lacks)[1])
+    found = re.search(r"the metrics \(epochs? [^)]*?(\d+)\)", lacks)
+    assert found, train.output
+    last = int(found[1])
     assert last in (train.epochs, train.epochs + 1), lacks
     assert "its end (FAILED)" in lacks and "`convnet log-pending` logs them" in lacks
     assert train.lines[-1].startswith("error: interrupted by Ctrl-C (SIGINT); training stopped")
