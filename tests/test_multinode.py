@@ -15,7 +15,7 @@ import mlflow
 import psutil
 import pytest
 import torch
-from test_train_faults import METRICS, env, history, setup
+from test_train_faults import KILLABLE, METRICS, env, history, setup
 
 from stages.core import checkpoint
 from stages.data.augment import augment
@@ -122,7 +122,9 @@ def test_nodes_killed_mid_run_resume_from_last_pt_like_one_process(tmp_path):
     resume from last.pt on the shared folder and end where one uninterrupted process does."""
     one, shared = tmp_path / "one", tmp_path / "shared"
     for root in (one, shared):
-        setup(root, **TRAIN | {"epochs": 4})
+        # 1,200 steps at the usual 0.05 are unstable (the loss rises above chance), and the
+        # all-reduce's rounding differences then grow past the tolerance: a stable rate.
+        setup(root, n_train=KILLABLE, **TRAIN | {"epochs": 4, "lr": 0.005})
     single_process(one)
     nodes = start_nodes([shared, shared], store=shared)
     last = shared / "out/train/last.pt"
