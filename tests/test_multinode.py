@@ -15,7 +15,8 @@ import mlflow
 import psutil
 import pytest
 import torch
-from test_train_faults import KILLABLE, METRICS, env, history, setup
+from test_train_faults import METRICS, env, history
+from train_helpers import SLOW_EPOCH, setup
 
 from stages.core import checkpoint
 from stages.data.augment import augment
@@ -124,7 +125,7 @@ def test_nodes_killed_mid_run_resume_from_last_pt_like_one_process(tmp_path):
     for root in (one, shared):
         # 1,200 steps at the usual 0.05 are unstable (the loss rises above chance), and the
         # all-reduce's rounding differences then grow past the tolerance: a stable rate.
-        setup(root, n_train=KILLABLE, **TRAIN | {"epochs": 4, "lr": 0.005})
+        setup(root, n_train=SLOW_EPOCH, **TRAIN | {"epochs": 4, "lr": 0.005})
     single_process(one)
     nodes = start_nodes([shared, shared], store=shared)
     last = shared / "out/train/last.pt"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from train_helpers import make_processed, write_params
+from train_helpers import SLOW_EPOCH, setup
 
 REPO = Path(__file__).resolve().parents[1]
 CURVES = ("train_loss", "val_top1", "system/cpu_utilization_percentage")
-# Trainings that last 15 s or more here (an epoch of 4,800 images: about 0.25 s), so the store
-# fails while training still runs, however late the test reads its output.
-LONG = {"n_train": 4800, "epochs": 60}
+# A training of 15 s or more, so the store fails while training still runs, however late the
+# test reads its output.
+LONG = {"n_train": SLOW_EPOCH, "epochs": 60}
 
 
 def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
@@ -37,12 +37,6 @@ def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
     for key in ("WORLD_SIZE", "DVC_ROOT", "DVC_EXP_NAME"):
         e.pop(key, None)
     return e
-
-
-def setup(root: Path, n_train: int = 480, **train) -> None:
-    root.mkdir()
-    make_processed(root, n_train=n_train)
-    write_params(root, **train)
 
 
 class Command:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_processed, write_params
+from train_helpers import SLOW_EPOCH, setup
 from typer.testing import CliRunner
 
 from stages import params
@@ -39,17 +39,6 @@ def runs(root: Path) -> int:
         return db.execute("select count(*) from runs").fetchone()[0]
 
 
-def setup(root: Path, n_train: int = 480, **train) -> None:
-    root.mkdir()
-    make_processed(root, n_train=n_train)
-    write_params(root, **train)
-
-
-# For the kill tests: an epoch of 480 images takes about 35 ms here, too short a window for a
-# busy machine to kill a run between its first and its last epoch; one of 4,800 about 0.25 s.
-KILLABLE = 4800
-
-
 @pytest.fixture
 def quiet(monkeypatch):
     """In-process runs skip the slow MLflow model export (a subprocess test covers it)."""
@@ -59,7 +48,7 @@ def quiet(monkeypatch):
 def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     for root in (full, killed):
-        setup(root, n_train=KILLABLE, epochs=3, ema_decay=0.9, schedule="plateau")
+        setup(root, n_train=SLOW_EPOCH, epochs=3, ema_decay=0.9, schedule="plateau")
     cmd = [sys.executable, "-m", "stages", "train"]
     subprocess.run(cmd, cwd=full, env=env(full), check=True, capture_output=True, timeout=300)
 
