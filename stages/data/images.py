@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import multiprocessing
 import multiprocessing.pool
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from stages.core.errors import PipelineError, held
 
 CHUNK = 256  # files per task: large enough to amortise IPC, small enough for a smooth bar
+# The most pixels a file may decode to (after a JPEG's reduced-scale decoding): Pillow's
+# decompression-bomb limit (about 9,500 x 9,500), which Pillow itself only warns about up to
+# twice that. Decoding is the one cost that grows with the file; everything after it is bounded
+# by the centre square the result is cut from (see `_region`).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+Box = tuple[float, float, float, float]  # left, top, right, bottom, in source pixels
 
 
 @dataclass
@@ -68,14 +76,36 @@ class ImageFileError(PipelineError):
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is `size`, then crop the centre size x size."""
+    """Resize so the short side is `size`, then crop the centre size x size (what `_region`
+    and the resize in `_decode` make, for an image already in RGB)."""
+    part, box = _region(img, size)
+    return part if box is None else part.resize((size, size), Image.BICUBIC, box, 3.0)
+
+
+def _region(img: Image.Image, size: int) -> tuple[Image.Image, Box | None]:
+    """The part of `img` its size x size result is made from, and where in that part the result
+    lies (None: the part is the result already, no resize needed).
+
+    The result is the centre square of the image resized so its short side is `size`. Resizing
+    the whole image first costs its long side times `size`, whatever the file's size: a 2.4 KB
+    PNG of 1 x 600,000 pixels became a 64 x 38,400,000 image on the way (12 GB). Only the
+    centre square, with the pixels the bicubic filter reads beyond its edges, is kept, so the
+    conversion and the resize after it cost at most the square's pixels, and the result's pixels
+    are those of resizing the whole image, then cropping.
+    """
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    if (nw, nh) == (w, h):
+        return img.crop((left, top, left + size, top + size)), None
+    sx, sy = w / nw, h / nh  # source pixels per result pixel
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    # Bicubic reads 2 result pixels (at least 2 source pixels) either side; one more for rounding.
+    mx, my = 2 * max(sx, 1.0) + 1, 2 * max(sy, 1.0) + 1
+    x0, y0 = max(0, math.floor(box[0] - mx)), max(0, math.floor(box[1] - my))
+    x1, y1 = min(w, math.ceil(box[2] + mx)), min(h, math.ceil(box[3] + my))
+    return img.crop((x0, y0, x1, y1)), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
 
 
 # Modes Pillow gives 16-bit greyscale files (PNG, TIFF): "I;16*" or, from older Pillow or
@@ -115,6 +145,32 @@ def _note_first_frame(path: str | Path, frames: int) -> None:
         )
 
 
+def _pixels(path: str | Path, data: bytes, size: int, fit: bool) -> np.ndarray:
+    """The file's bytes -> (size, size, 3) uint8 (see `_decode`)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if not fit and img.size != (size, size):  # said before decoding a single pixel
+            raise ImageFileError(path, f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
+        frames = getattr(img, "n_frames", 1)  # opened at frame 0, the first one
+        if frames > 1:
+            _note_first_frame(path, frames)
+        if fit:
+            img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ImageFileError(
+                path, f"is {w:,} x {h:,} pixels, more than the {MAX_PIXELS:,} an image may"
+                " decode to (Pillow's decompression-bomb limit); make it smaller"
+            )  # fmt: skip
+        if not fit:
+            return np.array(_rgb(img), dtype=np.uint8)  # (size, size, 3), writable
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+        part, box = _region(img, size)  # the centre square, before any whole-image work
+        part = _rgb(part)
+        if box is not None:
+            part = part.resize((size, size), Image.BICUBIC, box, reducing_gap=3.0)
+        return np.array(part, dtype=np.uint8)  # (size, size, 3), writable
+
+
 def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
     """One file -> (size, size, 3) uint8, or ImageFileError naming the file and the reason."""
     try:
@@ -127,21 +183,11 @@ def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
     except OSError as err:
         raise ImageFileError(path, f"cannot be read ({err.strerror or err})") from None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            frames = getattr(img, "n_frames", 1)  # opened at frame 0, the first one
-            if frames > 1:
-                _note_first_frame(path, frames)
-            if fit:
-                img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
-                img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-            img = _rgb(img)
-            if fit:
-                img = fit_square(img, size)
-            elif img.size != (size, size):
-                raise ImageFileError(
-                    path, f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}"
-                )
-            return np.array(img, dtype=np.uint8)  # (size, size, 3), writable
+        with warnings.catch_warnings():
+            # Pillow warns of sizes past MAX_PIXELS when it reads a header (a frame's too); a big
+            # JPEG is then decoded at a fraction of that: `_pixels` checks the size it decodes.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _pixels(path, data, size, fit)
     except ImageFileError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO, not the file
@@ -160,8 +206,10 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     transparency is composited on white, grey/palette/CMYK become RGB (16-bit grey scaled to 8
     bits, not clipped), a file of several frames (GIF, WebP, APNG animation; multi-page TIFF)
     gives its first (said once per run), then the short side is resized to `size` (bicubic)
-    and the centre square cropped. A missing file, a directory or a file PIL cannot decode
-    raises ImageFileError with a one-line message naming the path.
+    and the centre square cropped. What a file may cost is bounded by what it becomes, not by
+    its size: it decodes to at most MAX_PIXELS, and only the centre square the result is cut
+    from is converted and resized (`_region`). A missing file, a directory, a file over that
+    bound or one PIL cannot decode raises ImageFileError with a one-line message naming the path.
     """
     return _decode(path, size, fit=True)
 
