@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from stages.core.errors import Interrupted, ParamsError, PipelineError, on_signal
+from stages.core.files import is_write_error, write_failure
 from stages.params import Params, load
 
 app = typer.Typer(
@@ -45,6 +46,11 @@ def _guard(action: Callable[[], Any]) -> None:
     except Interrupted as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(128 + err.signum) from None
+    except OSError as err:  # a write the system refuses where no result's name was at hand
+        if not is_write_error(err):
+            raise
+        typer.echo(f"error: {write_failure(err)}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
-from stages.core.files import atomic_path, write_json
+from stages.core.files import atomic_path, only_one, write_json
 from stages.core.runlog import RunLog, training_run
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
@@ -131,7 +131,10 @@ def train(params: Params) -> dict[str, float]:
     """Train `params.model` on the preprocessed data; returns the last epoch's metrics."""
     dist, device = distributed.setup(resolve_device(params.train.device))
     try:
-        return _train(params, dist, device)
+        # One training per out/train: two would write one model.pt and end their MLflow runs
+        # with each other's model. Rank 0 holds it (other nodes may not share out/).
+        with only_one(paths.TRAIN, "a training") if dist.main else contextlib.nullcontext():
+            return _train(params, dist, device)
     except torch.OutOfMemoryError:
         raise TrainingError(
             f"out of memory on {device} with train.batch_size {params.train.batch_size}"

@@ -11,19 +11,37 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import resource
+import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from stages.core.errors import PipelineError
 
 
-class DiskFullError(PipelineError):
+class NotWrittenError(PipelineError):
+    """A file the system will not let this process write (a read-only file system, the
+    process's file-size limit, no permission); nothing of it is left behind."""
+
+
+class DiskFullError(NotWrittenError):
     """A result that does not fit on the disk; nothing of it is left behind."""
+
+
+# What a write can fail with that no retry and no other input fixes: said in one line naming the
+# file. EACCES and EPERM are a write's only when they name the file being written (a block that
+# writes a result may read others).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
 def _mib(n: float) -> str:
@@ -48,19 +66,80 @@ def output_file(path: Path | str, option: str) -> Path:
     return path
 
 
+def _size_limit() -> str | None:
+    """This process's file-size limit (`ulimit -f`) in words, or None when there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else _mib(soft)
+
+
+def why_not_written(path: Path | str, err: OSError, need: int | None = None) -> NotWrittenError:
+    """The one line saying why `path` (a file, or a folder) could not be written, and what to do."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    where = "it" if folder == path else str(folder)
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(folder if folder.exists() else Path.cwd()).free
+        needed = f"needed {_mib(need)}, " if need else ""
+        return DiskFullError(
+            f"{path}: the disk filled up while writing it ({needed}{_mib(free)} free); nothing"
+            " was kept: free some space and run again"
+        )
+    if code == errno.EFBIG:
+        limit = _size_limit()
+        said = f"the file-size limit of this process (`ulimit -f`: {limit})" if limit else (
+            "the largest file its file system takes"
+        )  # fmt: skip
+        return NotWrittenError(
+            f"{path}: would grow past {said}; nothing was kept: raise the limit (`ulimit -f"
+            " unlimited`) or write elsewhere, and run again"
+        )
+    if code == errno.EROFS:
+        return NotWrittenError(
+            f"{path}: cannot be written: {where} is on a read-only file system; nothing was"
+            " written: make it writable (or work in a writable copy of the repository) and run"
+            " again"
+        )
+    if code in _ACCESS_ERRNOS:
+        return NotWrittenError(
+            f"{path}: cannot be written: permission denied in {folder}; nothing was written:"
+            " make it writable for this user and run again"
+        )
+    return NotWrittenError(f"{path}: cannot be written ({err.strerror or err})")
+
+
+def write_failure(err: OSError) -> NotWrittenError:
+    """`err`, a write error raised where no result's name was at hand, as one line."""
+    if err.filename is not None:
+        return why_not_written(os.fsdecode(err.filename), err)
+    limit = _size_limit() if err.errno == errno.EFBIG else None
+    return NotWrittenError(
+        f"a file could not be written ({err.strerror or err}"
+        f"{f'; this process may write files of at most {limit}: `ulimit -f`' if limit else ''})"
+    )
+
+
+def is_write_error(err: OSError, target: Path | str | None = None) -> bool:
+    """Whether `err` says a file cannot be written (see _WRITE_ERRNOS); a permission error
+    counts when it names `target` or a file under it."""
+    if err.errno in _WRITE_ERRNOS:
+        return True
+    if err.errno not in _ACCESS_ERRNOS or target is None or err.filename is None:
+        return False
+    named = Path(os.fsdecode(err.filename)).absolute()
+    return named.is_relative_to(Path(target).absolute())
+
+
 @contextlib.contextmanager
-def _disk_full_is_one_line(path: Path, need: int | None) -> Iterator[None]:
+def _write_errors_are_one_line(path: Path, need: int | None, tmp: Path | None) -> Iterator[None]:
+    """A write error of the temporary `tmp` (None: any OSError, while making it) as one line
+    naming `path`, the result."""
     try:
         yield
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if tmp is not None and not is_write_error(err, tmp):
             raise
-        free = shutil.disk_usage(Path(path).parent).free
-        needed = f"needed {_mib(need)}, " if need else ""
-        raise DiskFullError(
-            f"{path}: the disk filled up while writing it ({needed}{_mib(free)} free); nothing"
-            " was kept: free some space and run again"
-        ) from None
+        raise why_not_written(path, err, need) from None
 
 
 def _umask() -> int:
@@ -116,18 +195,19 @@ def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
     ends in DiskFullError naming `path`, with the temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)  # before the space check: a killed run's leftover may be what fills it
-    if need:
-        check_space(path, need)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    with _write_errors_are_one_line(path, need, None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)  # before the space check: a killed run's leftover may fill it
+        if need:
+            check_space(path, need)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     tmp_path = Path(tmp)
     try:  # from the first statement on: a Ctrl-C at any point still removes the file
         os.close(fd)
         tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; results read like any file
-        with _disk_full_is_one_line(path, need):
+        with _write_errors_are_one_line(path, need, tmp_path):
             yield tmp_path
-        os.replace(tmp_path, path)
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -139,18 +219,19 @@ def atomic_dir(path: Path, need: int | None = None) -> Iterator[Path]:
     Leftovers, `need` and a full disk as in `atomic_path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
-    if need:
-        check_space(path, need)
-    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())
+    with _write_errors_are_one_line(path, need, None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        if need:
+            check_space(path, need)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        with _disk_full_is_one_line(path, need):
+        tmp.chmod(0o777 & ~_umask())
+        with _write_errors_are_one_line(path, need, tmp):
             yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -159,3 +240,56 @@ def write_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+class BusyError(PipelineError):
+    """A folder another process is working in right now (a second training in one out/train)."""
+
+
+def _holder(folder: Path) -> str:
+    """Which process holds the flock of `folder`, from the kernel's table of locks (Linux)."""
+    st = folder.stat()
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{st.st_ino}"):
+                pids.append((fields[5] != device, fields[4]))  # this device's first
+    for _, pid in sorted(pids):
+        with contextlib.suppress(psutil.Error, ValueError):
+            process = psutil.Process(int(pid))
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(process.create_time()))
+            command = shlex.join(process.cmdline())
+            return f"process {pid} (`{command[:120]}`, started {started})"
+    return "another process"
+
+
+@contextlib.contextmanager
+def only_one(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` (made if missing, and checked to be writable) for the block, or stop at
+    once with BusyError naming the process that holds it; `what` says what runs there.
+
+    An OS lock (flock) on the folder itself: the kernel releases it when the process ends,
+    however it ends (SIGKILL, the out-of-memory killer), so a killed run never leaves a stale
+    lock, and no lock file is left in the folder either.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # unnamed on Linux: nothing to leave behind
+            pass
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise why_not_written(folder, err) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(
+                f"{folder}: {what} runs in it already, in {_holder(folder)}; one at a time:"
+                " wait for it to end (or stop it), then run again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
