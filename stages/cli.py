@@ -200,7 +200,20 @@ def log_pending() -> None:
     from stages.core.runlog import log_pending as command
     from stages.engine.model import from_checkpoint
 
-    _guard(lambda: typer.echo("\n".join(command(from_checkpoint)) or "MLflow: nothing waits"))
+    def action() -> None:
+        aside: list[str] = []  # what can never be logged: the error line, once it is set aside
+        try:
+            done = command(from_checkpoint, aside.append)
+        except PipelineError:
+            for line in aside:
+                typer.echo(f"MLflow: {line}", err=True)
+            raise
+        if done or not aside:
+            typer.echo("\n".join(done) or "MLflow: nothing waits")
+        if aside:
+            raise PipelineError("; ".join(aside))
+
+    _guard(action)
 
 
 @app.command()

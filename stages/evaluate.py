@@ -72,7 +72,8 @@ def evaluate(p: Params) -> dict:
                 writer.writerow([name, int(mask.sum()), f"{acc:.4f}"])
         plot_confusion(truth, preds, data.classes, out / "confusion_matrix.png")
 
-    with tracking.run(run_id=state["mlflow_run_id"]), tracking.shielded():
+    # Added to the training's run, which stays as the training left it (see tracking.run).
+    with tracking.run(run_id=state["mlflow_run_id"]) as run, tracking.writing():
         mlflow.log_metrics(
             {
                 "single_crop_top1": metrics["single_crop"]["top1"],
@@ -80,9 +81,10 @@ def evaluate(p: Params) -> dict:
                 "ten_crop_top1": metrics["ten_crop"]["top1"],
                 "ten_crop_top5": metrics["ten_crop"]["top5"],
                 "ten_crop_gain_top1": metrics["ten_crop_gain_top1"],
-            }
+            },
+            run_id=run.info.run_id,
         )
-        mlflow.log_artifacts(str(paths.EVALUATE), artifact_path="evaluate")
+        mlflow.log_artifacts(str(paths.EVALUATE), artifact_path="evaluate", run_id=run.info.run_id)
     print(
         f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
         f" {metrics['ten_crop']['top1']:.2%} 10-crop"

@@ -223,7 +223,7 @@ def _message(out: Path, text: str) -> None:
     fig.savefig(out, dpi=80)
 
 
-def _log_checkpoint(state: dict) -> None:
+def _log_checkpoint(state: dict, run_id: str) -> None:
     """A copy of the checkpoint for inference in the run, so `convnet ensemble RUN_ID` works.
 
     The logged MLflow model is an export traced for batch size 1; the checkpoint rebuilds the
@@ -233,7 +233,7 @@ def _log_checkpoint(state: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         checkpoint.save(path, checkpoint.inference_only(state))
-        mlflow.log_artifact(str(path), artifact_path="checkpoint")
+        mlflow.log_artifact(str(path), artifact_path="checkpoint", run_id=run_id)
 
 
 # The pictures that read an earlier stage's file besides the model and the data.
@@ -267,11 +267,11 @@ def report(p: Params) -> list[str]:
             PICTURES[name](ctx)
             print(f"report: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
         written = sorted(f.name for f in out.iterdir())
-    with tracking.run(run_id=state["mlflow_run_id"]), tracking.shielded():
-        mlflow.log_artifacts(str(paths.REPORT), artifact_path="report")
-        _log_checkpoint(state)
+    # Added to the training's run, which stays as the training left it (see tracking.run).
+    with tracking.run(run_id=state["mlflow_run_id"]) as run, tracking.writing():
+        mlflow.log_artifacts(str(paths.REPORT), artifact_path="report", run_id=run.info.run_id)
+        _log_checkpoint(state, run.info.run_id)
     print(
-        f"report: {len(written)} files in {paths.REPORT}/, logged to MLflow run"
-        f" {state['mlflow_run_id']}"
+        f"report: {len(written)} files in {paths.REPORT}/, logged to MLflow run {run.info.run_id}"
     )
     return written

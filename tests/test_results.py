@@ -29,25 +29,25 @@ def log_run(
     tags: dict | None = None,
 ) -> str:  # fmt: skip
     """A training run (params, per-epoch metrics) then, for `top1`, the evaluate stage's
-    metrics in the same run; `failed`: evaluate fails after logging them, which ends the run
-    FAILED. Returns the run id."""
+    metrics added to it; `failed`: the training fails, which ends its run FAILED. Returns the
+    run id."""
     run_tags = {"dataset": dataset, "model": model, "dvc_exp_name": "test-exp"} | (tags or {})
-    with tracking.run(run_name=model, tags=run_tags) as run:
-        mlflow.log_params({"train.epochs": epochs, "train.device": "cpu", "model": model})
-        for epoch, s in enumerate(seconds, start=1):
-            mlflow.log_metrics({"epoch_seconds": s, "val_top1": 0.1 * epoch}, step=epoch)
+    try:
+        with tracking.run(run_name=model, tags=run_tags) as run:
+            mlflow.log_params({"train.epochs": epochs, "train.device": "cpu", "model": model})
+            for epoch, s in enumerate(seconds, start=1):
+                mlflow.log_metrics({"epoch_seconds": s, "val_top1": 0.1 * epoch}, step=epoch)
+            if failed:
+                raise OSError("disk full while saving the checkpoint")
+    except OSError:
+        pass
     if top1 is not None:
-        try:
-            with tracking.run(run_id=run.info.run_id):  # evaluate reopens the training's run
-                mlflow.log_metrics({
-                    "single_crop_top1": single, "single_crop_top5": top5 - 0.01,
-                    "ten_crop_top1": top1, "ten_crop_top5": top5,
-                    "ten_crop_gain_top1": top1 - single,
-                })  # fmt: skip
-                if failed:
-                    raise OSError("disk full while logging the artifacts")
-        except OSError:
-            pass
+        with tracking.run(run_id=run.info.run_id) as training:  # as evaluate adds to it
+            mlflow.log_metrics({
+                "single_crop_top1": single, "single_crop_top5": top5 - 0.01,
+                "ten_crop_top1": top1, "ten_crop_top5": top5,
+                "ten_crop_gain_top1": top1 - single,
+            }, run_id=training.info.run_id)  # fmt: skip
     status = mlflow.get_run(run.info.run_id).info.status
     assert status == ("FAILED" if failed else "FINISHED")
     return run.info.run_id

@@ -82,8 +82,8 @@ def test_the_checkpoint_report_logs_holds_only_the_inference_keys(run_dir):
     write_params(run_dir, epochs=1)
     train_module.train(params.load("params.yaml"))
     full = checkpoint.load(Path("out/train/last.pt"))  # with optimizer, RNG, history, ...
-    with tracking.run(run_id=full["mlflow_run_id"]):
-        _log_checkpoint(full)
+    with tracking.run(run_id=full["mlflow_run_id"]) as run:
+        _log_checkpoint(full, run.info.run_id)
     local = mlflow.artifacts.download_artifacts(
         run_id=full["mlflow_run_id"], artifact_path="checkpoint/model.pt"
     )

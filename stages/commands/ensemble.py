@@ -7,6 +7,7 @@ trained for; probabilities (optionally over 10 crops) are averaged with equal we
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +22,36 @@ from stages.engine.model import Trained, load_trained
 RUN_CHECKPOINT = "checkpoint/model.pt"  # where report logs the checkpoint in a training run
 
 
-def resolve_member(member: str) -> Path:
-    """A checkpoint path as given, or the checkpoint stored in the MLflow run `member`."""
+def load_member(member: str, device: str = "auto") -> Trained:
+    """The checkpoint file `member`, or the checkpoint stored in the MLflow run `member`.
+
+    A run's checkpoint is downloaded into a temporary folder that goes once it is loaded
+    (MLflow's own default is a temporary folder it never removes). A store that does not answer
+    is one line within seconds.
+    """
     path = Path(member)
     if path.exists():
-        return path
+        return load_trained(path, device)
     import mlflow
 
     from stages.core import tracking
 
     tracking.setup()
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(run_id=member, artifact_path=RUN_CHECKPOINT)
-        )
-    except Exception as err:  # noqa: BLE001 - unknown run, no artifact: same fix for the user
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise PipelineError(
-            f"{member}: neither a checkpoint file nor an MLflow run with {RUN_CHECKPOINT}"
-            f" (runs get one from `convnet report`): {first}"
-        ) from None
+    with tempfile.TemporaryDirectory() as folder, tracking.answering():
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=member, artifact_path=RUN_CHECKPOINT, dst_path=folder
+            )
+        except (mlflow.exceptions.MlflowException, OSError) as err:
+            code = getattr(err, "error_code", "")
+            if code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", ""):
+                raise  # the store failing: answering says so
+            first = tracking.cause(err)[:160]
+            raise PipelineError(
+                f"{member}: neither a checkpoint file nor an MLflow run with {RUN_CHECKPOINT}"
+                f" (runs get one from `convnet report`): {first}"
+            ) from None
+        return load_trained(Path(local), device)
 
 
 def average_proba(
@@ -62,7 +73,7 @@ def ensemble(
     results: dict = {"members": {}, "crops": crops}
     loaded = []
     for member in members:
-        trained = load_trained(resolve_member(member), device)
+        trained = load_member(member, device)
         data.check_classes(trained.classes, member)  # members must share one dataset
         loaded.append(trained)
     mean, each = average_proba(loaded, data.val_images, crops)

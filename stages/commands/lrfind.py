@@ -140,10 +140,11 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
         plot(result, out / "lr_find.png", title)
     tags = tracking.run_tags(p.dataset, p.model, "stages/commands/lrfind.py") | {"kind": "lr-find"}
     name = f"lr-find/{tracking.run_name(p.dataset, p.model)}"
-    with tracking.run(run_name=name, tags=tags), tracking.shielded():
-        mlflow.log_params(p.tracked() | {"lr_find.start": start, "lr_find.end": end})
-        mlflow.log_metric("suggested_lr", result.suggestion)
-        mlflow.log_artifacts(str(paths.LR_FIND), artifact_path="lr_find")
+    with tracking.run(run_name=name, tags=tags) as run, tracking.writing():
+        run_id = run.info.run_id
+        mlflow.log_params(p.tracked() | {"lr_find.start": start, "lr_find.end": end}, run_id=run_id)
+        mlflow.log_metric("suggested_lr", result.suggestion, run_id=run_id)
+        mlflow.log_artifacts(str(paths.LR_FIND), artifact_path="lr_find", run_id=run_id)
     print(
         f"lr-find: {len(result.lrs)} steps from {start:g} to {result.lrs[-1]:.3g};"
         f" suggested train.lr = {result.suggestion:.3g} (plot: {paths.LR_FIND}/lr_find.png)"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages.core import tracking
@@ -132,18 +131,14 @@ def _finished_runs(uri: str, experiment: str) -> list[Run]:
     if _store_missing(uri):
         return []
     mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is None:
-            return []
-        return mlflow.search_runs(
-            experiment_ids=[found.experiment_id],
-            filter_string="attributes.status = 'FINISHED'",
-            output_format="list",
-        )
-    except MlflowException as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no answer"
-        raise PipelineError(f"MLflow store {uri}: cannot be read ({first})") from None
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        output_format="list",
+    )
 
 
 def best_runs(runs: list[Run], datasets=(), models=()) -> dict[tuple[str, str], Run]:
@@ -176,7 +171,8 @@ def _row(key: tuple[str, str], run: Run, client: MlflowClient) -> Row:
     if seconds:
         epochs: int | None = max(seconds)
         wall: float | None = sum(seconds.values())
-    else:  # no per-epoch timing: the run's own clock (it includes evaluate and report)
+    else:  # no per-epoch timing: the run's own clock (the training's: evaluate and report
+        # add to the run without reopening it)
         epochs = int(params["train.epochs"]) if params.get("train.epochs", "").isdigit() else None
         end, start = run.info.end_time, run.info.start_time
         wall = (end - start) / 1000 if end and start else None
@@ -193,6 +189,13 @@ def collect(datasets=(), models=()) -> list[Row]:
     """The best run per (dataset, model) in the store `tracking` points at, sorted by both."""
     uri = tracking.tracking_uri()
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.EXPERIMENT)
+    # A store that does not answer is one line within seconds, as in the stages (not after
+    # MLflow's ~250 s of HTTP retries).
+    with tracking.answering(uri):
+        return _collect(uri, experiment, datasets, models)
+
+
+def _collect(uri: str, experiment: str, datasets: tuple, models: tuple) -> list[Row]:
     best = best_runs(_finished_runs(uri, experiment), datasets, models)
     if not best:
         only = ", ".join(f"{name} {', '.join(v)}" for name, v in

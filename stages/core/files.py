@@ -58,6 +58,17 @@ def check_space(path: Path, need: int) -> None:
         )
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether `name` is one file name (no folder part, not `.` or `..`): what a name read from
+    a file must be before it is joined to a folder, so that the path stays in that folder."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def is_inner_path(path: str) -> bool:
+    """Whether `path` is a relative path of plain names (`histograms/epoch_001.png`)."""
+    return all(is_plain_name(part) for part in path.split("/"))
+
+
 def output_file(path: Path | str, option: str) -> Path:
     """`path` as a file a command may write (given by the user as `option`), or one line why not."""
     path = Path(path)
@@ -106,6 +117,23 @@ def why_not_written(path: Path | str, err: OSError, need: int | None = None) -> 
             " make it writable for this user and run again"
         )
     return NotWrittenError(f"{path}: cannot be written ({err.strerror or err})")
+
+
+def write_trouble(path: Path) -> str:
+    """What keeps `path` from being written (or grown), as advice, when no error says it (a
+    database reporting only "disk I/O error" or "database or disk is full")."""
+    folder = path.parent if path.parent.exists() else Path.cwd()
+    limit = _size_limit()
+    if limit is not None:
+        return f"this process may write files of at most {limit} (`ulimit -f`): raise the limit"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only file system: make it writable"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"this user may not write {path}: change its permissions"
+    free = shutil.disk_usage(folder).free
+    if free < 256 * 2**20:
+        return f"its disk has {_mib(free)} free: free some space"
+    return f"check the disk {path} is on (its file system reported an error)"
 
 
 def write_failure(err: OSError) -> NotWrittenError:

@@ -20,10 +20,12 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,8 +43,16 @@ from torch import nn
 
 from stages.core import checkpoint, paths
 from stages.core.errors import Interrupted, PipelineError, held
-from stages.core.files import atomic_path
-from stages.core.tracking import TrackingError, answering, cause, root, setup, tracking_uri
+from stages.core.files import atomic_path, is_inner_path, is_plain_name, only_one, write_json
+from stages.core.tracking import (
+    TrackingError,
+    answering,
+    cause,
+    has_run,
+    root,
+    setup,
+    tracking_uri,
+)
 
 WAIT_SECONDS = 60  # at the end, how long the store may take no write before the rest is saved
 WRITER = "mlflow-writer"  # the thread's name
@@ -113,7 +123,8 @@ class RunLog:
         self.client = mlflow.MlflowClient(uri)
         self.file = pending_folder() / f"{run_id}.json"
         self.model_copy = self.file.with_suffix(".model.pt")  # model.pt, if its log waits
-        self._queue = deque(load_pending(self.file)[1] if self.file.exists() else [])
+        kept = _read_pending(self.file, _say) if self.file.exists() else None
+        self._queue = deque(kept[1] if kept else [])
         self._cond = threading.Condition()
         self._stopped = False
         self.failure: str | None = None  # the store's last error, until a write succeeds
@@ -238,6 +249,8 @@ class RunLog:
             context = InputTag(mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, data["context"])
             client.log_inputs(run_id, [DatasetInput(Dataset(**data["dataset"]), [context])])
         elif record.kind == "file":
+            if not is_plain_name(data["name"]):  # never written outside the temporary folder
+                raise PipelineError(f"{data['name']!r} is not a plain file name")
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / data["name"]
                 path.write_bytes(base64.b64decode(data["bytes"]))
@@ -383,13 +396,133 @@ def pending_folder() -> Path:
     return root() / paths.MLFLOW_PENDING
 
 
-def load_pending(file: Path) -> tuple[str, list[Record]]:
-    """A pending file's store URI and records."""
+# Beside the pending files: what can never be logged, kept for a look instead of being retried
+# forever (a record's key missing, a name leading out of its folder, a run the store lacks).
+SET_ASIDE = "set-aside"
+# What each kind of record holds in `data`: key -> the JSON types its value may have.
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "batch": {"metrics": (dict,), "params": (dict,), "tags": (dict,), "time": (int,)},
+    "input": {"dataset": (dict,), "context": (str,)},
+    "file": {"name": (str,), "folder": (str, type(None)), "bytes": (str,)},
+    "model": {"checkpoint": (str,), "dataset": (str,), "model": (str,), "register": (bool,)},
+    "end": {"status": (str,), "time": (int,)},
+}
+_ENDS = ("FINISHED", "FAILED", "KILLED")
+
+
+def _say(line: str) -> None:
+    print(f"MLflow: {line}", flush=True)
+
+
+def _wrong(raw: Any, run_id: str) -> str | None:
+    """Why the saved record `raw` (of run `run_id`'s pending file) can never be logged, or None.
+
+    Every path in a record stays in its folder: a file's name is a plain name, its artifact
+    folder a relative path of plain names, and a model's checkpoint the copy beside the
+    pending file.
+    """
+    if not isinstance(raw, dict) or set(raw) - {"what", "kind", "data", "step"}:
+        return "not a record"
+    kind, data, step = raw.get("kind"), raw.get("data"), raw.get("step")
+    if kind not in _FIELDS or not isinstance(raw.get("what"), str) or not isinstance(data, dict):
+        return f"not a record of a known kind ({', '.join(_FIELDS)})"
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        return f"its step {step!r} is not a number"
+    for key, types in _FIELDS[kind].items():
+        if key not in data:
+            return f"a {kind} record without {key!r}"
+        if not isinstance(data[key], types) or (bool not in types and isinstance(data[key], bool)):
+            return f"its {key!r} is {type(data[key]).__name__}"
+    if kind == "batch":
+        odd = [k for k, v in data["metrics"].items() if not isinstance(v, int | float)]
+        if odd:
+            return f"metric {odd[0]!r} is not a number"
+    elif kind == "input":
+        try:
+            Dataset(**data["dataset"])
+        except TypeError:
+            return "its dataset is not an MLflow dataset"
+    elif kind == "file":
+        if not is_plain_name(data["name"]):
+            return f"its file name {data['name']!r} leads out of its folder"
+        if data["folder"] is not None and not is_inner_path(data["folder"]):
+            return f"its artifact folder {data['folder']!r} leads out of the run's artifacts"
+        try:
+            base64.b64decode(data["bytes"], validate=True)
+        except ValueError:
+            return "its content is not base64"
+    elif kind == "model" and data["checkpoint"] != f"{run_id}.model.pt":
+        return f"its checkpoint {data['checkpoint']!r} is not the copy beside the pending file"
+    elif kind == "end" and data["status"] not in _ENDS:
+        return f"its status {data['status']!r} is not one of {', '.join(_ENDS)}"
+    return None
+
+
+def _store_exists(uri: str) -> bool:
+    """False for a store on this machine (a sqlite file, a file store's folder) that is not
+    there: logging to it would make a new, empty one wherever the URI points."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).exists()
+    if uri.startswith("file:"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)).exists()
+    return True  # a server, another database: it says itself whether it has the run
+
+
+def _aside(file: Path) -> Path:
+    """A new name in the set-aside folder for what comes from `file`."""
+    folder = file.parent / SET_ASIDE
+    folder.mkdir(exist_ok=True)
+    target, n = folder / file.name, 1
+    while target.exists():
+        n += 1
+        target = folder / f"{file.stem}.{n}{file.suffix}"
+    return target
+
+
+def _set_file_aside(file: Path, why: str, say: Callable[[str], None]) -> None:
+    """Move a pending file (and its model's copy) to the set-aside folder, saying why, once."""
+    target = _aside(file)
+    os.replace(file, target)
+    copy = file.with_suffix(".model.pt")
+    if copy.exists():
+        os.replace(copy, target.with_suffix(".model.pt"))
+    say(f"{_shown(file)}: {why}; set aside in {_shown(target)}")
+
+
+def _read_pending(file: Path, say: Callable[[str], None]) -> tuple[str, list[Record]] | None:
+    """A pending file's store URI and records; the records that can never be logged are set
+    aside first (the whole file when it is not a pending log at all), each said in one line.
+    None when nothing of the file is left to log."""
     try:
         saved = json.loads(file.read_text())
-        return saved["uri"], [Record(**record) for record in saved["records"]]
+        uri, raws = saved["uri"], saved["records"]
+        if not isinstance(uri, str) or not isinstance(raws, list):
+            raise TypeError("'uri' must be text and 'records' a list")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PipelineError(f"{file}: not a pending MLflow log ({cause(err)}); delete it") from None
+        _set_file_aside(file, f"not a pending MLflow log ({cause(err)})", say)
+        return None
+    if not _store_exists(uri):
+        _set_file_aside(file, f"its store {uri} does not exist (moved or deleted)", say)
+        return None
+    wrong = [(i, why) for i, raw in enumerate(raws) if (why := _wrong(raw, file.stem))]
+    if wrong:
+        bad = {i for i, _ in wrong}
+        target = _aside(file)
+        write_json(target, {"uri": uri, "records": [raws[i] for i in sorted(bad)],
+                            "why": {str(i + 1): why for i, why in wrong}})  # fmt: skip
+        first, why = wrong[0]
+        some = f"records {', '.join(str(i + 1) for i in sorted(bad))}" if len(bad) > 1 else (
+            f"record {first + 1}"
+        )  # fmt: skip
+        say(f"{_shown(file)}: {some} of {len(raws)} can never be logged (record {first + 1}:"
+            f" {why}); set aside in {_shown(target)}")  # fmt: skip
+        raws = [raw for i, raw in enumerate(raws) if i not in bad]
+        if not raws:
+            file.unlink()
+            file.with_suffix(".model.pt").unlink(missing_ok=True)
+            return None
+        save_pending(file, uri, [Record(**raw) for raw in raws])
+    return uri, [Record(**raw) for raw in raws]
 
 
 def save_pending(file: Path, uri: str, records: list[Record]) -> None:
@@ -397,23 +530,34 @@ def save_pending(file: Path, uri: str, records: list[Record]) -> None:
         tmp.write_text(json.dumps({"uri": uri, "records": [asdict(r) for r in records]}))
 
 
-def log_pending(build: Build) -> list[str]:
+def log_pending(build: Build, say: Callable[[str], None] = _say) -> list[str]:
     """Write what earlier trainings left in out/train/mlflow-pending/ to their runs (the command
-    `convnet log-pending`); returns a line per run. TrackingError if a store still fails."""
+    `convnet log-pending`); returns a line per run. What can never be logged is set aside (see
+    SET_ASIDE), said through `say`. TrackingError if a store still fails; BusyError while
+    another process logs them (a queued experiment starting meanwhile would log them twice)."""
+    folder = pending_folder()
+    if not folder.is_dir():
+        return []
     done = []
-    files = sorted(pending_folder().glob("*.json"), key=lambda f: f.stat().st_mtime)
-    for file in files:
-        uri, records = load_pending(file)
-        with answering(uri):  # the store answers, or one line at once
-            mlflow.MlflowClient(uri).get_run(file.stem)
-        log = RunLog(uri, file.stem, build)
-        if rest := log.close():
-            raise TrackingError(
-                f"MLflow store {uri}: {log.failure or 'no answer yet'}; run {file.stem} still lacks"
-                f" {describe(rest)} (in {_shown(file)}): run `convnet log-pending` again once it"
-                " answers"
-            )
-        done.append(f"MLflow: run {file.stem} now has {describe(records)}")
+    with only_one(folder, "logging these to MLflow"):
+        files = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        for file in files:
+            if (read := _read_pending(file, say)) is None:
+                continue
+            uri, records = read
+            with answering(uri):  # the store answers, or one line at once
+                known = has_run(file.stem, uri)
+            if not known:
+                _set_file_aside(file, f"run {file.stem} is not in the store {uri}", say)
+                continue
+            log = RunLog(uri, file.stem, build)
+            if rest := log.close():
+                raise TrackingError(
+                    f"MLflow store {uri}: {log.failure or 'no answer yet'}; run {file.stem} still"
+                    f" lacks {describe(rest)} (in {_shown(file)}): run `convnet log-pending` again"
+                    " once it answers"
+                )
+            done.append(f"MLflow: run {file.stem} now has {describe(records)}")
     return done
 
 
@@ -428,7 +572,7 @@ def training_run(
     if any(pending_folder().glob("*.json")):
         try:
             print("\n".join(log_pending(build)))
-        except TrackingError as err:  # an earlier run's store: this training goes on
+        except PipelineError as err:  # an earlier run's store, or its folder: training goes on
             print(err)
     client, log = mlflow.MlflowClient(uri), None
     try:

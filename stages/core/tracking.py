@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from stages.core.errors import PipelineError, held
+from stages.core.files import write_trouble
 
 EXPERIMENT = "convnet-pipeline"
 # MLflow 3 reads `mlflow.experimentKind` to tell model-training experiments from GenAI ones;
@@ -76,13 +77,24 @@ def cause(err: BaseException) -> str:
 
 
 def _fix(uri: str, reason: str) -> str:
+    """What to do about store `uri` failing with `reason`: advice for that cause only. Moving a
+    sqlite file aside hides every run in it, so that is said for a damaged file alone."""
     elsewhere = "or point MLFLOW_TRACKING_URI at another store"
+    said = reason.lower()
     if uri.startswith(("http:", "https:")):
         return f"start the server, {elsewhere}"
-    if uri.startswith("sqlite:") and "locked" in reason:
+    if not uri.startswith("sqlite:"):
+        return f"check it, {elsewhere}"
+    if "locked" in said:
         return f"wait for (or stop) the process that holds it, {elsewhere}"
-    if uri.startswith("sqlite:"):
-        return f"move the file aside (a new store is made), {elsewhere}"
+    if "not a database" in said or "malformed" in said:
+        return (
+            "the file is damaged: move it aside (a new, empty store is made; the runs stay in"
+            f" the moved file), {elsewhere}"
+        )
+    path = Path(uri.removeprefix("sqlite:///"))
+    if any(w in said for w in ("disk is full", "i/o error", "readonly", "unable to open")):
+        return f"{write_trouble(path)}, {elsewhere}"
     return f"check it, {elsewhere}"
 
 
@@ -258,24 +270,55 @@ def shielded() -> contextlib.AbstractContextManager[None]:
     return held()
 
 
-@contextlib.contextmanager
-def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
-    """Start (or reopen, with `run_id`) a run; any exception, Ctrl-C or SIGTERM ends it FAILED.
+def has_run(run_id: str, uri: str | None = None) -> bool:
+    """Whether the store holds run `run_id` (inside `answering`: a store that fails raises)."""
+    try:
+        mlflow.MlflowClient(uri or tracking_uri()).get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
 
-    The block writes at once (the fluent `mlflow.log_*`): evaluate, report and lr-find, whose
-    writes are few and come after their work is saved. A training uses RunLog instead.
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """Write to the store now: Ctrl-C and SIGTERM held (see `shielded`), a store that does not
+    answer one line within seconds (see `answering`)."""
+    with shielded(), answering():
+        yield
+
+
+@contextlib.contextmanager
+def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.entities.Run]:
+    """The run a stage writes to, at once (inside `writing()`, passing its `run_id` to each
+    `mlflow.log_*`): evaluate, report and lr-find, whose writes are few and come after their
+    work is saved. A training uses RunLog instead.
+
+    With `run_id` of a run the store holds (the training's, which evaluate and report add to),
+    that run as it is: it is not reopened, so its status and end stay the training's whatever
+    happens here (an interrupt in one stage never changes another stage's run). Otherwise a new
+    run of this stage (`kwargs` for `mlflow.start_run`), which ends FAILED on any exception,
+    Ctrl-C or SIGTERM, FINISHED otherwise.
     """
     active = None
     try:
         with shielded():  # an interrupt held here is raised inside `try`: the run ends FAILED
             experiment_id = setup()
             with answering():
-                active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs)
-        yield active
+                if run_id and has_run(run_id):
+                    found = mlflow.MlflowClient().get_run(run_id)
+                else:
+                    if run_id:
+                        print(f"MLflow: run {run_id} is not in the store {tracking_uri()} (the"
+                              " model was trained with another); logging to a new run")  # fmt: skip
+                    active = found = mlflow.start_run(experiment_id=experiment_id, **kwargs)
+        yield found
     except BaseException:
         if active is not None:
-            with shielded():
+            with shielded(), contextlib.suppress(PipelineError), answering():
                 mlflow.end_run("FAILED")
         raise
-    with shielded():
-        mlflow.end_run("FINISHED")
+    if active is not None:
+        with writing():
+            mlflow.end_run("FINISHED")
