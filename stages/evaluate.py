@@ -44,7 +44,7 @@ def evaluate(p: Params) -> dict:
     trained = load_trained(paths.CHECKPOINT, p.train.device)
     state = trained.state
     data = load_processed(p.preprocess_inputs())
-    data.check_classes(trained.classes, str(paths.CHECKPOINT))
+    data.check_model(trained.classes, trained.stored_size, trained.crop_size, str(paths.CHECKPOINT))
     labels = torch.from_numpy(data.val_labels)
 
     metrics: dict = {}

@@ -254,7 +254,7 @@ def report(p: Params) -> list[str]:
     trained = load_trained(paths.CHECKPOINT, p.train.device)
     state = trained.state
     data = load_processed(p.preprocess_inputs())
-    data.check_classes(trained.classes, str(paths.CHECKPOINT))
+    data.check_model(trained.classes, trained.stored_size, trained.crop_size, str(paths.CHECKPOINT))
     for name, (path, stage) in INPUTS.items():
         if name in p.report.pictures and not path.is_file():
             raise DataError(

@@ -74,7 +74,8 @@ def ensemble(
     loaded = []
     for member in members:
         trained = load_member(member, device)
-        data.check_classes(trained.classes, member)  # members must share one dataset
+        # Members must share one dataset, its classes and image size.
+        data.check_model(trained.classes, trained.stored_size, trained.crop_size, member)
         loaded.append(trained)
     mean, each = average_proba(loaded, data.val_images, crops)
     for member, trained, probs in zip(members, loaded, each, strict=True):

@@ -58,6 +58,14 @@ def check_space(path: Path, need: int) -> None:
         )
 
 
+def is_hidden(name: str) -> bool:
+    """The one rule for hidden things, files and folders alike: a name that starts with `.`
+    (.DS_Store, macOS's ._photo.jpg, .thumbnails/, .git/). Wherever the pipeline lists a folder
+    you filled (your images, an extracted dataset, test images), what is hidden, or inside a
+    hidden folder at any depth, is skipped: never copied, decoded or trained on."""
+    return name.startswith(".")
+
+
 def is_plain_name(name: str) -> bool:
     """Whether `name` is one file name (no folder part, not `.` or `..`): what a name read from
     a file must be before it is joined to a folder, so that the path stays in that folder."""

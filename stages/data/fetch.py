@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from stages.core.errors import PipelineError
+from stages.core.files import is_hidden
 
 if TYPE_CHECKING:  # the sources import this module (folder copies your images with copy_tree)
     from stages.data.sources.base import RemoteFile
@@ -254,7 +255,8 @@ def copy_tree(src: Path, dst: Path, inside: Path) -> int:
     data folder): a link to anything else (your home, /etc) would copy that into out/raw, the
     DVC cache and every `dvc push`, so it is skipped with one line saying so. Links to a
     folder being copied (loops) and things that are not files (sockets, broken links) are
-    skipped the same way.
+    skipped the same way. Hidden files and folders (files.is_hidden) are left out silently,
+    as every reader of the copy leaves them out.
     """
     inside = inside.resolve()
     count = 0
@@ -267,6 +269,8 @@ def copy_tree(src: Path, dst: Path, inside: Path) -> int:
         above = (*above, folder.resolve())  # the folders being copied, outermost first
         out.mkdir(parents=True, exist_ok=True)
         for entry in sorted(folder.iterdir()):
+            if is_hidden(entry.name):
+                continue
             target = entry.resolve()
             if entry.is_symlink() and not target.is_relative_to(inside):
                 skip(entry, f"a link to {target}, outside {inside}; links must stay in it")

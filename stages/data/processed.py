@@ -42,6 +42,17 @@ class Processed:
     def std_tensor(self) -> torch.Tensor:
         return torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) / 255.0
 
+    def check_model(self, classes: list[str], stored_size: int, crop_size: int, what: str) -> None:
+        """Stop when a model (`what`) was trained on other classes, or on images of another size,
+        than these data hold: its crops would not fit, or show it other pixels per object."""
+        self.check_classes(classes, what)
+        if stored_size != self.image_size:
+            raise DataError(
+                f"{what} was trained on {stored_size} px images (crops of {crop_size} px), but"
+                f" {paths.PROCESSED} holds {self.image_size} px images"
+                f" ({self.info.get('dataset')}); run `dvc repro` so the model and the data match"
+            )
+
     def check_classes(self, classes: list[str], what: str) -> None:
         """Stop when a model (`what`) was trained on other classes than these data hold."""
         if list(classes) != list(self.classes):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stages.core.errors import PipelineError
+from stages.core.files import is_hidden, is_plain_name
 
 if TYPE_CHECKING:
     from stages.data.writer import ProcessedWriter
@@ -111,9 +112,27 @@ def require(path: Path, what: str = "file") -> Path:
     return path
 
 
+def plain(name: str, where: str) -> str:
+    """`name`, read from a file of the raw data (`where`: the file and line), checked to be one
+    file name before it is joined to a folder: a `/` or `..` in it would read from outside."""
+    if not is_plain_name(name):
+        raise LayoutError(f"{where}: {name!r} is not a plain file name; it would lead out of its"
+                          " folder: fix the file or put the official archive in data/")  # fmt: skip
+    return name
+
+
 def visible(folder: Path) -> list[Path]:
-    """The entries of `folder`, sorted, without hidden ones (.DS_Store and the like)."""
-    return sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+    """The entries of `folder`, sorted, without hidden ones (files.is_hidden: .DS_Store, ...)."""
+    return sorted(e for e in folder.iterdir() if not is_hidden(e.name))
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """The files under `folder` at any depth, sorted, without hidden ones and without anything
+    inside a hidden folder (files.is_hidden)."""
+    return sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and not any(is_hidden(part) for part in f.relative_to(folder).parts)
+    )  # fmt: skip
 
 
 def pad_and_stack(images: np.ndarray, size: int = 32) -> np.ndarray:

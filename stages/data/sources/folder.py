@@ -17,7 +17,14 @@ from PIL import Image
 from stages.core import paths
 from stages.core.errors import PipelineError
 from stages.data.fetch import copy_tree
-from stages.data.sources.base import LayoutError, Source, require, val_split
+from stages.data.sources.base import (
+    LayoutError,
+    Source,
+    require,
+    val_split,
+    visible,
+    visible_files,
+)
 
 if TYPE_CHECKING:
     from stages.data.writer import ProcessedWriter
@@ -37,7 +44,7 @@ def make_raw(dest: Path, d: DownloadParams) -> None:
             f"{src}: a link to {src.resolve()}, outside {d.data_dir}/; links out of the data"
             f" folder are not followed: move or copy the images into {src}"
         )
-    classes = [c for c in src.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    classes = [c for c in visible(src) if c.is_dir()]
     for c in classes:
         try:
             c.name.encode("utf-8")
@@ -60,15 +67,13 @@ def make_raw(dest: Path, d: DownloadParams) -> None:
 def read(raw: Path, p: Params, out: ProcessedWriter) -> list[str]:
     root = require(raw / paths.FOLDER, "folder")
     suffixes = {ext.lower() for ext in Image.registered_extensions()}
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [d.name for d in visible(root) if d.is_dir()]
     files: list[Path] = []
     labels: list[int] = []
     ignored = 0
     for label, name in enumerate(classes):
         found = []
-        for f in sorted((root / name).rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
-                continue
+        for f in visible_files(root / name):  # not .DS_Store, nor .thumbnails/*.png
             if f.suffix.lower() in suffixes:
                 found.append(f)
             else:

@@ -21,6 +21,7 @@ from stages.data.sources.base import (
     NotOfficialError,
     RemoteFile,
     Source,
+    plain,
     require,
     visible,
 )
@@ -156,7 +157,8 @@ def extracted(data_dir: Path) -> list[Path] | None:
 def read(raw: Path, _: Params, out: ProcessedWriter) -> list[str]:
     root = require(raw / FOLDER, "folder")
     # Sorted wnids: the class order torchvision's ImageFolder would give the train folders.
-    wnids = sorted(set(_wnids(require(root / "wnids.txt"))))
+    listed = require(root / "wnids.txt")
+    wnids = sorted({plain(w, str(listed)) for w in _wnids(listed)})  # class folder names
     if not wnids:
         raise LayoutError(f"{root / 'wnids.txt'}: lists no classes")
     words = _words(require(root / "words.txt"))
@@ -181,7 +183,7 @@ def read(raw: Path, _: Params, out: ProcessedWriter) -> list[str]:
     for n, name, wnid in _annotations(annotations):
         if wnid not in index:
             raise LayoutError(f"{annotations}:{n}: class {wnid!r} of {name} is not in wnids.txt")
-        val_files.append(root / "val" / "images" / name)
+        val_files.append(root / "val" / "images" / plain(name, f"{annotations}:{n}"))
         val_labels.append(index[wnid])
     if not val_files:
         raise LayoutError(f"{annotations}: lists no images")
