@@ -52,19 +52,25 @@ def p(*overrides: str) -> params.Params:
     return params.load(REPO / "params.yaml", base + list(overrides))
 
 
-def model(seed: int = 0) -> torch.nn.Module:
+def model(seed: int = 0, crop: int = CROP, size: int = SIZE) -> torch.nn.Module:
+    """`crop`/`size`: a model of another input size (stored images of `size`, crops of `crop`)."""
     torch.manual_seed(seed)
-    mean = torch.full((3, SIZE, SIZE), 0.2)
-    return nets.build("alexnet", len(CLASSES), CROP, mean=mean, fc_width=16)
+    mean = torch.full((3, size, size), 0.2)
+    return nets.build("alexnet", len(CLASSES), crop, mean=mean, fc_width=16)
 
 
-def save_checkpoint(path: Path, net: torch.nn.Module, run_id: str = "") -> None:
-    """A model.pt as training writes it: exactly the inference keys."""
+def save_checkpoint(
+    path: Path, net: torch.nn.Module, run_id: str = "", crop: int = CROP, size: int = SIZE,
+    classes: list[str] = CLASSES, data: dict | None = None,
+) -> None:  # fmt: skip
+    """A model.pt as training writes it: exactly the inference keys. `data`: the info.json of
+    the data it learned from (digits with wnids unless given)."""
     model = checkpoint.Inference(
-        net="alexnet", net_options={"fc_width": 16}, num_classes=len(CLASSES), image_size=CROP,
-        stored_size=SIZE, classes=CLASSES, precision="fp32", memory_format="channels_last",
+        net="alexnet", net_options={"fc_width": 16}, num_classes=len(classes), image_size=crop,
+        stored_size=size, classes=classes, precision="fp32", memory_format="channels_last",
         model=net.state_dict(), params=p().to_dict(), metrics={"epoch": 1, "val_top1": 0.5},
-        epoch=1, mlflow_run_id=run_id, data={"dataset": "digits", "wnids": WNIDS},
+        epoch=1, mlflow_run_id=run_id,
+        data={"dataset": "digits", "wnids": WNIDS} if data is None else data,
     )  # fmt: skip
     checkpoint.save(path, model.to_dict())
 

@@ -6,11 +6,13 @@ stage or DVC would take for a result, and no MLflow run left RUNNING.
 
 from __future__ import annotations
 
+import base64
 import csv
 import gzip
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fabricate
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -214,6 +217,14 @@ def fewer_labels(root: Path) -> None:
 # --- the catalogue -----------------------------------------------------------------------------
 
 
+def checkpoint_of(path: str, crop: int = fabricate.CROP, size: int = fabricate.SIZE,
+                  **kwargs) -> Callable[[Path], None]:  # fmt: skip
+    """A checkpoint at `path` of another input size (same classes), or other `classes`/`data`."""
+    return lambda root: fabricate.save_checkpoint(
+        root / path, fabricate.model(crop=crop, size=size), crop=crop, size=size, **kwargs
+    )
+
+
 @dataclass
 class Case:
     id: str
@@ -222,7 +233,11 @@ class Case:
     code: int = 1
     setup: Callable[[Path], None] | None = None
     skip: str = ""  # why the case cannot happen on this machine ("" = it runs)
+    fsize: int = 0  # the process's file-size limit (`ulimit -f`), in bytes (0: none)
 
+
+# Class names that are words, as a Tiny ImageNet model has (its checkpoint carries the wnids).
+WORDS = ["rocking chair", "goldfish", "lemon", "school bus"]
 
 # Where CUDA works, train.device=cuda is no mistake: the run trains.
 CUDA = "a CUDA GPU is visible: train.device=cuda trains" if torch.cuda.is_available() else ""
@@ -363,6 +378,13 @@ CASES = [
         setup=raw_cifar_truncated,
     ),  # fmt: skip
     Case(
+        "preprocess-file-size",
+        ["preprocess", "-S", "dataset=folder"],
+        "out/processed: would grow past the file-size limit of this process (`ulimit -f`",
+        setup=raw_folder_with(lambda root: None),
+        fsize=4000,
+    ),  # fmt: skip
+    Case(
         "folder-bad-image",
         ["preprocess", "-S", "dataset=folder"],
         "could not be decoded: out/raw/folder/a/x.png",
@@ -415,6 +437,19 @@ CASES = [
     ),  # fmt: skip
     Case("no-gpu", ["train", "-S", "train.device=cuda"], "no CUDA GPU is visible", skip=CUDA),
     Case("last-corrupt", ["train"], "out/train/last.pt: ", setup=text_file("out/train/last.pt")),
+    Case(
+        "train-file-size",
+        ["train"],
+        "out/train/last.pt: would grow past the file-size limit of this process (`ulimit -f`",
+        fsize=2_000_000,  # the store fits; the first checkpoint (9 MB) does not
+    ),  # fmt: skip
+    Case(
+        "store-file-size",
+        ["train"],
+        # After sqlite's own words ("disk I/O error"), the limit: not "move the file aside".
+        "mlflow.db: disk I/O error; this process may write files of at most 0.1 MiB (`ulimit",
+        fsize=100_000,  # a new store does not fit
+    ),  # fmt: skip
     # evaluate
     Case(
         "eval-no-model",
@@ -440,6 +475,13 @@ CASES = [
     ),  # fmt: skip
     Case("eval-code", ["evaluate"], "asks to run code", setup=code_pickle("out/train/model.pt")),
     Case("eval-other-classes", ["evaluate"], "trained on 4 other classes", setup=other_classes),
+    Case(
+        "eval-other-size",
+        ["evaluate"],
+        "out/train/model.pt was trained on 24 px images (crops of 20 px), but out/processed"
+        " holds 16 px images",
+        setup=checkpoint_of("out/train/model.pt", crop=20, size=24),
+    ),  # fmt: skip
     # report
     Case(
         "report-no-history",
@@ -454,6 +496,12 @@ CASES = [
         setup=remove("out/evaluate"),
     ),  # fmt: skip
     Case("report-other-dataset", ["report"], "dataset='shapes'", setup=other_dataset),
+    Case(
+        "report-other-size",
+        ["report"],
+        "was trained on 24 px images",
+        setup=checkpoint_of("out/train/model.pt", crop=20, size=24),
+    ),  # fmt: skip
     # predict
     Case(
         "predict-missing",
@@ -495,6 +543,12 @@ CASES = [
         "trained on 4 other classes",
         setup=other_classes,
     ),  # fmt: skip
+    Case(
+        "ensemble-other-size",
+        ["ensemble", "out/train/model.pt", "big.pt"],
+        "big.pt was trained on 24 px images (crops of 20 px), but out/processed holds 16 px",
+        setup=checkpoint_of("big.pt", crop=20, size=24),
+    ),  # fmt: skip
     # submit
     Case("submit-no-folder", ["submit", "--images", "nope"], "no such folder of test images"),
     Case(
@@ -514,6 +568,12 @@ CASES = [
         ["submit", "--images", "images", "--out", "images"],
         "--out images: is a directory",
     ),  # fmt: skip
+    Case(
+        "submit-no-wnids",
+        ["submit", "--images", "images", "--checkpoint", "words.pt", "--out", "sub.txt"],
+        "words.pt: carries no wnids and its classes are not wnids ('rocking chair', ...)",
+        setup=checkpoint_of("words.pt", classes=WORDS, data={"dataset": "folder"}),
+    ),  # fmt: skip
 ]
 
 
@@ -529,6 +589,11 @@ def running_runs(root: Path) -> int:
         return 0
     with sqlite3.connect(db) as con:
         return con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
+
+
+def file_size_limit(size: int) -> None:
+    """`ulimit -f` for the process about to start (SIGXFSZ stays ignored: Python ignores it)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def test_the_catalogue_is_large():
@@ -549,6 +614,7 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "stages", *case.args],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=(lambda: file_size_limit(case.fsize)) if case.fsize else None,
     )  # fmt: skip
     shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == case.code, shown
@@ -721,3 +787,187 @@ def test_numbers_in_scientific_notation_are_numbers(template, tmp_path):
     p = load(root / "params.yaml", ["train.momentum=9e-1", "train.label_smoothing=1E-1"])
     assert (p.train.lr, p.train.weight_decay) == (0.01, 0.0005)
     assert (p.train.momentum, p.train.label_smoothing) == (0.9, 0.1)
+
+
+# --- the MLflow log a training left pending -----------------------------------------------
+
+
+def store_with_run(root: Path) -> str:
+    """root/mlflow.db (the store the commands are pointed at) holding one finished run: its id."""
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.create_experiment("convnet-pipeline", (root / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.set_terminated(run_id)
+    return run_id
+
+
+def pending(root: Path, name: str, records: list[dict] | str) -> Path:
+    """out/train/mlflow-pending/<name>.json holding `records` (text: the file's whole content)."""
+    file = root / "out/train/mlflow-pending" / f"{name}.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root}/mlflow.db"
+    content = records if isinstance(records, str) else {"uri": uri, "records": records}
+    file.write_text(content if isinstance(content, str) else json.dumps(content))
+    return file
+
+
+def file_record(name: str, folder: str | None = None) -> dict:
+    data = {"name": name, "folder": folder, "bytes": base64.b64encode(b"logged").decode()}
+    return {"what": name, "kind": "file", "data": data, "step": None}
+
+
+def test_a_pending_record_never_writes_outside_its_folder(template, tmp_path):
+    """A `file` record names where its file goes: an absolute name, `..` in the name or in the
+    artifact folder are set aside in one line, the other records logged, nothing written outside."""
+    root = workspace(template, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_id = store_with_run(root)
+    up = "../" * 30 + str(outside / "up.txt").lstrip("/")  # from any temporary folder: /
+    records = [
+        file_record(str(outside / "absolute.txt")),
+        file_record(up),
+        file_record("folder.txt", folder="../../../outside"),
+        file_record("kept.txt", folder="notes"),
+    ]
+    file = pending(root, run_id, records)
+    began = time.monotonic()
+    result = run(root, "log-pending")
+    assert time.monotonic() - began < 40  # set aside at once, not retried for 60 s
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    aside = f"out/train/mlflow-pending/set-aside/{run_id}.json"
+    assert f"records 1, 2, 3 of 4 can never be logged (record 1: its file name '{outside}" in line
+    assert "leads out of its folder" in line and line.endswith(f"set aside in {aside}")
+    assert "does not answer" not in result.stdout + result.stderr
+    assert not list(outside.iterdir())  # nothing written outside
+    logged = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").list_artifacts(run_id, "notes")
+    assert [a.path for a in logged] == ["notes/kept.txt"]
+    assert not file.exists()
+    assert len(json.loads((root / aside).read_text())["records"]) == 3  # kept for a look
+    again = run(root, "log-pending")  # said once: nothing is left to retry
+    assert again.returncode == 0 and again.stdout == "MLflow: nothing waits\n", again.stderr
+
+
+def test_what_can_never_be_logged_is_set_aside_once_and_training_goes_on(template, tmp_path):
+    """A record missing a key, a file that is not a pending log and one of a run the store does
+    not have: set aside with a line each by the next training (no 60 s wait blaming the store,
+    no advice to move the store aside), and never again."""
+    root = workspace(template, tmp_path)
+    run_id = store_with_run(root)
+    batch = {"what": "the metrics", "kind": "batch", "data": {"metrics": {"a": 1.0}}, "step": 3}
+    pending(root, run_id, [batch])
+    pending(root, "notes", [file_record("a.txt")])  # a json file that names no run
+    pending(root, "junk", "{")
+    began = time.monotonic()
+    result = run(root, "train", "-S", "model=mlp")
+    assert time.monotonic() - began < 50
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"{run_id}.json: record 1 of 1 can never be logged (record 1: a batch record" in out
+    assert "notes.json: run notes is not in the store" in out
+    assert "junk.json: not a pending MLflow log" in out
+    assert "does not answer" not in out and "move the file aside" not in out + result.stderr
+    assert sorted(f.name for f in (root / "out/train/mlflow-pending").iterdir()) == ["set-aside"]
+    again = run(root, "log-pending")
+    assert again.returncode == 0 and again.stdout == "MLflow: nothing waits\n", again.stderr
+
+
+# --- two processes, one workspace; an interrupt in one stage --------------------------------
+
+
+def test_a_second_training_in_one_out_train_says_which_process_holds_it(template, tmp_path):
+    root = workspace(template, tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "stages", "train", "-S", "train.epochs=500", "-S", "model=mlp"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "out/train/last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = run(root, "train", "-S", "model=mlp")
+        assert first.poll() is None, "the first training ended before the second started"
+    finally:
+        first.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        first.wait(timeout=60)
+    assert second.returncode == 1, second.stderr
+    [line] = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert f"out/train: a training runs in it already, in process {first.pid} (`" in line
+    assert "-S train.epochs=500 -S model=mlp`" in line and "Traceback" not in second.stderr
+    assert "train:" not in second.stdout  # stopped before its banner: no data read
+    with sqlite3.connect(root / "mlflow.db") as con:  # and no MLflow run started
+        assert con.execute("select count(*) from runs").fetchone()[0] == 1
+    from stages.core.files import only_one
+
+    with only_one(root / "out/train", "a training"):  # a killed training leaves no lock
+        pass
+
+
+def test_an_interrupt_while_evaluate_logs_leaves_the_training_run_as_it_was(
+    template, tmp_path, monkeypatch
+):
+    """Ctrl-C after evaluate wrote its outputs, while it adds them to the training's MLflow run:
+    that run stays FINISHED, with its end time, and `convnet results` still finds it."""
+    from stages.commands import results
+    from stages.core import errors, tracking
+    from stages.evaluate import evaluate
+    from stages.params import load
+
+    root = workspace(template, tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    tags = {"dataset": "digits", "model": "alexnet"}
+    with tracking.run(run_name="digits/alexnet", tags=tags) as training:
+        pass
+    run_id = training.info.run_id
+    fabricate.save_checkpoint(root / "out/train/model.pt", fabricate.model(), run_id)
+    ended = mlflow.get_run(run_id).info
+    log_artifacts = mlflow.log_artifacts
+
+    def ctrl_c_while_logging(*args, **kwargs):  # the real one, with a Ctrl-C inside
+        os.kill(os.getpid(), signal.SIGINT)
+        return log_artifacts(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_artifacts", ctrl_c_while_logging)
+    old = signal.signal(signal.SIGINT, errors.on_signal)
+    try:
+        with pytest.raises(errors.Interrupted):
+            evaluate(load(root / "params.yaml"))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert (root / "out/evaluate/metrics.json").is_file()  # written before the interrupt
+    now = mlflow.get_run(run_id).info
+    assert (now.status, now.end_time) == ("FINISHED", ended.end_time)
+    [row] = results.collect()
+    assert row.run_id == run_id and row.metrics["ten_crop_top1"] >= 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare -rm (a private mount namespace)")
+def test_a_read_only_out_is_one_line_naming_it(template, tmp_path):
+    """out/train, then all of out/, mounted read-only: train and evaluate stop in one line each,
+    before any work, and nothing changes."""
+    root = workspace(template, tmp_path)
+    before = snapshot(root)
+    python = f"{sys.executable} -m stages"
+    script = (
+        "mount --bind out/train out/train && mount -o remount,bind,ro out/train &&"
+        f" {python} train; echo CODE $?;"
+        f" mount --bind out out && mount -o remount,bind,ro out && {python} evaluate; echo CODE $?"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=root, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    codes = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("CODE")]
+    assert codes == ["1", "1"], result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith("error: out/train: cannot be written: it is on a read-only file")
+    assert errors[1].startswith("error: out/evaluate: cannot be written: it is on a read-only")
+    assert len(errors) == 2 and snapshot(root) == before
+    assert running_runs(root) == 0
