@@ -259,6 +259,38 @@ def test_folder_centre_crop_keeps_the_middle():
     assert (image[:, 2:8] == (255, 0, 0)).all()
 
 
+def test_hidden_files_and_folders_are_skipped_at_any_depth():
+    """One rule: a name starting with `.` is hidden, a file or a folder, at any depth. Nothing
+    hidden is copied to out/raw or trained on: not .DS_Store, not macOS's ._0.png (not even an
+    image), not the images in a class's .thumbnails/ nor a hidden class folder."""
+    for cls, colour in (("a", (250, 0, 0)), ("b", (0, 0, 250))):
+        folder = Path(f"data/images/{cls}")
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), colour).save(folder / f"{i}.png")
+        (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (folder / "._0.png").write_bytes(b"\0\x05\x16\x07 AppleDouble")
+        (folder / ".thumbnails").mkdir()
+        Image.new("RGB", (12, 12), (0, 250, 0)).save(folder / ".thumbnails/0.png")
+    Path("data/images/.cache").mkdir()
+    Image.new("RGB", (12, 12), (0, 250, 0)).save("data/images/.cache/0.png")
+    p = from_dict(
+        {
+            "dataset": "folder",
+            "preprocess": {"image_size": 10, "val_fraction": 0.5},
+            "train": {"crop_size": 8},
+        }
+    )
+    download(p)
+    copied = sorted(str(f.relative_to("out/raw")) for f in Path("out/raw").rglob("*"))
+    assert copied == ["folder", "folder/a", "folder/a/0.png", "folder/a/1.png", "folder/b",
+                      "folder/b/0.png", "folder/b/1.png"]  # fmt: skip
+    preprocess(p)
+    images = np.concatenate([load("train_images.npy"), load("val_images.npy")])
+    assert len(images) == 4 and not (images[..., 1] > 100).any()  # no green thumbnail
+    assert json.loads((OUT / "classes.json").read_text()) == ["a", "b"]
+
+
 def test_folder_missing_or_with_an_empty_class_fails_naming_it():
     p = from_dict({"dataset": "folder"})
     with pytest.raises(PipelineError, match="data/images: not found; put your images in"):

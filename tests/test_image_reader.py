@@ -2,6 +2,11 @@
 preprocess stores exactly what `read_image` returns, for PNG, EXIF-rotated JPEG, RGBA,
 a large JPEG and a palette GIF."""
 
+import os
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import fabricate
@@ -195,3 +200,59 @@ def test_preprocess_stores_exactly_what_read_image_returns(tmp_path, monkeypatch
         )
     ]
     assert not missing, f"preprocess stored other pixels than read_image for {missing}"
+
+
+# Reads one file with the address space capped at 1 GiB (the reader imports no torch): a work
+# bound that holds only for small files would show here as a MemoryError.
+CAPPED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+import numpy as np
+from stages.data.images import read_image
+pixels = read_image(sys.argv[1], int(sys.argv[2]))
+print(pixels.shape, np.unique(pixels.reshape(-1, 3), axis=0).tolist())
+"""
+
+
+@pytest.mark.parametrize("size", [(1, 600_000), (600_000, 1)])
+def test_an_image_costs_what_it_becomes_not_what_its_shape_allows(tmp_path, size):
+    """A 2.4 KB PNG of 1 x 600,000 pixels: resizing all of it to the model's size made a
+    64 x 38,400,000 image on the way (12 GB); only its centre square is worked on now."""
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (200, 30, 30)).save(path, optimize=True)
+    assert path.stat().st_size < 4000
+    result = subprocess.run(
+        [sys.executable, "-c", CAPPED, str(path), "64"], capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, PYTHONPATH=str(fabricate.REPO)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 64, 3) [[200, 30, 30]]"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` RGB pixels (its pixel data, one zero byte)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def test_a_file_that_would_decode_past_the_bound_is_refused_before_decoding(tmp_path):
+    """Past Pillow's limit (89 million pixels) but under twice it, where Pillow only warns: one
+    line naming the file and the size, in both readers, nothing decoded."""
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header(10_000, 9_000))
+    with pytest.raises(ImageFileError) as err:
+        read_image(path, 16)
+    assert str(err.value) == (
+        f"{path}: is 10,000 x 9,000 pixels, more than the {imaging.MAX_PIXELS:,} an image may"
+        " decode to (Pillow's decompression-bomb limit); make it smaller"
+    )
+    decoded = decode_files([path], 16, fit=True, workers=1)
+    assert [why for _, why in decoded.bad] == [str(err.value).removeprefix(f"{path}: ")]

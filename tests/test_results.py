@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import time
 
 import mlflow
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.core import tracking
+from tests.fakes import closed_port_url
 
 
 @pytest.fixture
@@ -141,3 +144,17 @@ def test_no_finished_run_is_one_line_and_exit_1(store):
     log_run("digits", "mlp", 0.9)
     result = invoke("--model", "vgg16")  # the filter matches nothing
     assert result.exit_code == 1 and "model vgg16" in result.stderr
+
+
+def test_a_server_that_does_not_answer_is_one_line_within_seconds(store, monkeypatch):
+    """Not after MLflow's ~250 s of HTTP retries: the stages' bound, and their advice."""
+    url = closed_port_url()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    began = time.monotonic()
+    result = invoke()
+    assert time.monotonic() - began < 30
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: MLflow store {url}: ")
+    assert "Connection refused" in result.stderr and "start the server" in result.stderr
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the bound is not left behind

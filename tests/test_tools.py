@@ -112,6 +112,34 @@ def test_submission_has_one_line_per_test_image_in_challenge_format(tmp_path, mo
     assert all(re.fullmatch(r"test_\d\.JPEG n0000000[0-3]", line) for line in lines)
 
 
+def test_submit_writes_the_wnids_its_checkpoint_carries_whatever_out_processed_holds(
+    tmp_path, monkeypatch
+):
+    """A Tiny ImageNet model's classes are words ("rocking chair"); its checkpoint carries the
+    wnids. Without out/processed, or with a damaged info.json there, the submission still holds
+    wnids, not words; hidden files (macOS's ._test_0.JPEG) are not test images."""
+    monkeypatch.chdir(tmp_path)
+    words = ["rocking chair", "goldfish", "lemon", "school bus"]
+    data = {"dataset": "tiny-imagenet", "wnids": fabricate.WNIDS}
+    fabricate.save_checkpoint(tmp_path / "model.pt", fabricate.model(), classes=words, data=data)
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 0, 0)).save(folder / f"test_{i}.JPEG")
+    (folder / "._test_0.JPEG").write_bytes(b"\0\x05\x16\x07 AppleDouble")
+    args = ["submit", "--images", "test", "--checkpoint", "model.pt", "--out", "sub.txt",
+            "--device", "cpu"]  # fmt: skip
+    for processed in ("none", "damaged"):
+        if processed == "damaged":
+            fabricate.processed(tmp_path)
+            (tmp_path / "out/processed/info.json").write_text('{"wnids": ["n0')
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / "sub.txt").read_text().splitlines()
+        assert [line.split()[0] for line in lines] == [f"test_{i}.JPEG" for i in range(3)]
+        assert all(line.split()[1] in fabricate.WNIDS for line in lines), lines
+
+
 def test_submit_without_test_images_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["submit", "--images", str(tmp_path / "nope")])
     assert result.exit_code == 1
