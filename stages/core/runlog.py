@@ -7,6 +7,9 @@ thread writes in order, retrying while the store fails (a sqlite lock, a server 
 training never waits for the store. At the end the log waits for its queue; if the store has
 taken nothing for WAIT_SECONDS, what is left is saved in out/train/mlflow-pending/<run id>.json
 and the last line says what the run lacks; `convnet log-pending` (or the next training) logs it.
+A pending file is checked when read, record by record: what can never be logged (a key missing,
+a name leading out of its folder, a run the store lacks) is set aside in one line, once, instead
+of being retried and blamed on the store.
 
 Signals reach only the main thread, so no write of the thread is ever cut half-way by Ctrl-C or
 SIGTERM; an interrupted training queues the run's end as FAILED like any other write (a
@@ -48,7 +51,7 @@ from stages.core.tracking import (
     TrackingError,
     answering,
     cause,
-    has_run,
+    find_run,
     root,
     setup,
     tracking_uri,
@@ -546,7 +549,7 @@ def log_pending(build: Build, say: Callable[[str], None] = _say) -> list[str]:
                 continue
             uri, records = read
             with answering(uri):  # the store answers, or one line at once
-                known = has_run(file.stem, uri)
+                known = find_run(file.stem, uri) is not None
             if not known:
                 _set_file_aside(file, f"run {file.stem} is not in the store {uri}", say)
                 continue

@@ -270,15 +270,15 @@ def shielded() -> contextlib.AbstractContextManager[None]:
     return held()
 
 
-def has_run(run_id: str, uri: str | None = None) -> bool:
-    """Whether the store holds run `run_id` (inside `answering`: a store that fails raises)."""
+def find_run(run_id: str, uri: str | None = None) -> mlflow.entities.Run | None:
+    """Run `run_id`, or None when the store does not hold it (inside `answering`: a store that
+    fails raises)."""
     try:
-        mlflow.MlflowClient(uri or tracking_uri()).get_run(run_id)
+        return mlflow.MlflowClient(uri or tracking_uri()).get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return False
+            return None
         raise
-    return True
 
 
 @contextlib.contextmanager
@@ -306,9 +306,8 @@ def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.entities.Run]:
         with shielded():  # an interrupt held here is raised inside `try`: the run ends FAILED
             experiment_id = setup()
             with answering():
-                if run_id and has_run(run_id):
-                    found = mlflow.MlflowClient().get_run(run_id)
-                else:
+                found = find_run(run_id) if run_id else None
+                if found is None:
                     if run_id:
                         print(f"MLflow: run {run_id} is not in the store {tracking_uri()} (the"
                               " model was trained with another); logging to a new run")  # fmt: skip

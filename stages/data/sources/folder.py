@@ -2,7 +2,8 @@
 
 Any size and mode (JPEG, PNG, WebP, GIF, ...): preprocess resizes the short side to
 `preprocess.image_size` and crops the centre square, through the one image reader that `predict`
-uses too. The validation set is a stratified split (`preprocess.val_fraction`).
+uses too. The validation set is a stratified split (`preprocess.val_fraction`). Hidden files and
+folders (a name starting with `.`, at any depth) are skipped: `base.visible_files`.
 """
 
 from __future__ import annotations
