@@ -131,10 +131,8 @@ def train(params: Params) -> dict[str, float]:
     """Train `params.model` on the preprocessed data; returns the last epoch's metrics."""
     dist, device = distributed.setup(resolve_device(params.train.device))
     try:
-        # One training per out/train: two would write one model.pt and end their MLflow runs
-        # with each other's model. Rank 0 holds it (other nodes may not share out/).
-        with only_one(paths.TRAIN, "a training") if dist.main else contextlib.nullcontext():
-            return _train(params, dist, device)
+        with contextlib.ExitStack() as held:  # out/train, once _train takes it
+            return _train(params, dist, device, held)
     except torch.OutOfMemoryError:
         raise TrainingError(
             f"out of memory on {device} with train.batch_size {params.train.batch_size}"
@@ -145,13 +143,19 @@ def train(params: Params) -> dict[str, float]:
         distributed.cleanup(dist)
 
 
-def _train(params: Params, dist: Dist, device: torch.device) -> dict[str, float]:
-    """The run: set up (or resume), one epoch at a time, then the results (rank 0 writes)."""
+def _train(
+    params: Params, dist: Dist, device: torch.device, held: contextlib.ExitStack
+) -> dict[str, float]:
+    """The run: set up (or resume), one epoch at a time, then the results (rank 0 writes).
+    `held` keeps out/train for this training until train() returns."""
     settings = params.train
     torch.manual_seed(params.seed)
     data = load_processed(params.preprocess_inputs())  # checked, not yet read
     if dist.main:
         tracking.setup()  # the store answers, or one line before the data are read
+        # One training per out/train: two would write one model.pt and end their MLflow runs
+        # with each other's model. Rank 0 holds it (other nodes may not share out/).
+        held.enter_context(only_one(paths.TRAIN, "a training"))
     train_set, val_set = _training_data(params, data, dist, device)
     run, notes = _build(params, dist, device, data)
     # Rank 0 decides, from its last.pt, for every rank (other nodes may not share out/).
