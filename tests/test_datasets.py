@@ -192,8 +192,16 @@ def _tiny_with(monkeypatch, change):
             lambda m: [m.pop(k) for k in list(m) if "/train/n09999999/images/" in k],
             r"train/n09999999/images: folder missing",
         ),
+        (  # names read from the files stay in their folders: nothing is read from outside
+            lambda m: m.update({ANNOTATIONS: b"../../../../etc/hostname\tn01443537\t0\t0\t1\t1\n"}),
+            r"val_annotations\.txt:1: '\.\./\.\./\.\./\.\./etc/hostname' is not a plain file name",
+        ),
+        (
+            lambda m: m.update({"tiny-imagenet-200/wnids.txt": b"n01443537\n../../../../etc\n"}),
+            r"wnids\.txt: '\.\./\.\./\.\./\.\./etc' is not a plain file name",
+        ),
     ],
-    ids=["no-wnids", "unknown-val-class", "empty-class"],
+    ids=["no-wnids", "unknown-val-class", "empty-class", "val-name-outside", "wnid-outside"],
 )
 def test_tiny_imagenet_layout_errors_name_the_file(monkeypatch, change, message):
     files = _tiny_with(monkeypatch, change)

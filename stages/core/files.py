@@ -131,13 +131,13 @@ def write_trouble(path: Path) -> str:
     """What keeps `path` from being written (or grown), as advice, when no error says it (a
     database reporting only "disk I/O error" or "database or disk is full")."""
     folder = path.parent if path.parent.exists() else Path.cwd()
-    limit = _size_limit()
-    if limit is not None:
-        return f"this process may write files of at most {limit} (`ulimit -f`): raise the limit"
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         return f"{folder} is on a read-only file system: make it writable"
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         return f"this user may not write {path}: change its permissions"
+    limit = _size_limit()
+    if limit is not None:
+        return f"this process may write files of at most {limit} (`ulimit -f`): raise the limit"
     free = shutil.disk_usage(folder).free
     if free < 256 * 2**20:
         return f"its disk has {_mib(free)} free: free some space"
