@@ -447,7 +447,7 @@ CASES = [
         "store-file-size",
         ["train"],
         # After sqlite's own words ("disk I/O error"), the limit: not "move the file aside".
-        "mlflow.db: disk I/O error; this process may write files of at most 0.1 MiB (`ulimit",
+        "mlflow.db: disk I/O error; this process may write files of at most 97.7 KiB (`ulimit",
         fsize=100_000,  # a new store does not fit
     ),  # fmt: skip
     # evaluate

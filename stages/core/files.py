@@ -88,7 +88,9 @@ def output_file(path: Path | str, option: str) -> Path:
 def _size_limit() -> str | None:
     """This process's file-size limit (`ulimit -f`) in words, or None when there is none."""
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    return None if soft == resource.RLIM_INFINITY else _mib(soft)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return _mib(soft) if soft >= 2**20 else f"{soft / 2**10:,.1f} KiB"
 
 
 def why_not_written(path: Path | str, err: OSError, need: int | None = None) -> NotWrittenError:
