@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -16,6 +20,7 @@ from stages.data.fetch import FetchError, UnsafeArchiveError, extract
 from tests.fakes import Route, closed_port_url, remote, serve, tar_gz_bytes, zip_bytes
 
 BODY = bytes(range(256)) * 400  # 100 KiB, several read chunks when CHUNK is small
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +194,37 @@ def test_cli_turns_a_download_error_into_one_line(tmp_path, monkeypatch):
     assert len(lines) == 1 and "no network" in lines[0]
     assert "data/train-images-idx3-ubyte.gz" in lines[0]
     assert not (tmp_path / "out" / "raw").exists()
+
+
+# fetch() in a process whose file-size limit (`ulimit -f`) is 10 KiB: what it raises.
+LIMITED = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_FSIZE, (10240, 10240))
+from stages.data import fetch
+from tests.fakes import remote
+fetch.CHUNK = 4096
+try:
+    folder = Path(sys.argv[2])
+    fetch.fetch(remote("a.bin", bytes(range(256)) * 400), folder, data_dir=folder,
+                mirror=sys.argv[1], retries=3)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_a_file_size_limit_is_not_taken_for_a_dropped_connection(tmp_path):
+    """Writing past `ulimit -f` is the disk's doing: one line naming the file and the limit,
+    no retries of the address, nothing left behind."""
+    with serve({"/a.bin": Route(BODY)}) as srv:
+        result = subprocess.run(
+            [sys.executable, "-c", LIMITED, srv.base, str(tmp_path)], capture_output=True,
+            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"NotWrittenError {tmp_path}/a.bin.part: would grow past the file-size limit of this"
+        " process (`ulimit -f`: 10.0 KiB)"
+    ), result.stdout
+    assert len(srv.log) == 1  # not retried
+    assert files_in(tmp_path) == []

@@ -180,6 +180,11 @@ def _write_errors_are_one_line(path: Path, need: int | None, tmp: Path | None) -
         raise why_not_written(path, err, need) from None
 
 
+def written(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Write errors of the file `path` (see is_write_error) as one line naming it."""
+    return _write_errors_are_one_line(path, None, path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

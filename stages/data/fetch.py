@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from stages.core.errors import PipelineError
-from stages.core.files import is_hidden
+from stages.core.files import is_hidden, is_write_error, written
 
 if TYPE_CHECKING:  # the sources import this module (folder copies your images with copy_tree)
     from stages.data.sources.base import RemoteFile
@@ -176,6 +176,7 @@ def _attempt(url: str, part: Path, remote: RemoteFile, timeout: float) -> None:
         length = response.headers.get("Content-Length")
         total = start + int(length) if length else remote.size
         with (
+            written(part),  # a write the system refuses is the disk's doing, not the network's
             open(part, mode) as f,
             tqdm(
                 total=total,
@@ -192,6 +193,8 @@ def _attempt(url: str, part: Path, remote: RemoteFile, timeout: float) -> None:
                     f.write(block)
                     bar.update(len(block))
             except (http.client.HTTPException, OSError) as err:  # drops, resets, timeouts
+                if isinstance(err, OSError) and is_write_error(err, part):
+                    raise  # said by `written`
                 raise _Retryable(f"connection dropped at byte {f.tell()} ({err!r})") from None
             if f.tell() < total:  # server closed cleanly but early
                 raise _Retryable(f"connection dropped at byte {f.tell()} of {total}")
