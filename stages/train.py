@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
-from stages.core.files import atomic_path, write_json
+from stages.core.files import atomic_path
 from stages.core.runlog import RunLog, training_run
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
@@ -47,7 +47,7 @@ from stages.engine.optim import make_optimizer
 from stages.engine.schedules import Schedule
 from stages.engine.state import RunState
 from stages.explain import histograms
-from stages.params import MODEL_TUNED, Params, TrainParams, flatten
+from stages.params import Params, TrainParams, flatten
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -320,7 +320,7 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
     """model.pt's content now: the network, the data it learned from, its result weights."""
     speed = run.speed
     return checkpoint.Inference(
-        net=params.model, net_options=params.net_options, num_classes=len(data.classes),
+        net=params.model, net_options=params.net, num_classes=len(data.classes),
         image_size=params.train.crop_size, stored_size=data.image_size, classes=data.classes,
         precision=speed.precision,
         memory_format="channels_last" if speed.channels_last else "contiguous",
@@ -330,14 +330,13 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
 
 
 def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None:
-    """The stage's outputs, written once: model.pt, history.csv and params.json, then last.pt
+    """The stage's outputs, written once: model.pt and history.csv, then last.pt
     marked complete (a kill in between resumes straight to here); then the MLflow artifacts and
     model are queued (the model is logged from model.pt)."""
     run.complete = True
     model = _inference(params, data, run).to_dict()
     checkpoint.save(paths.CHECKPOINT, model)
     _write_history(run.history)
-    write_json(paths.TRAIN_PARAMS, {k: getattr(params.train, k) for k in MODEL_TUNED})
     checkpoint.save(paths.LAST, model | run.state_dict())
     log.artifact(paths.HISTORY)
     mean_png = paths.PROCESSED / "mean.png"

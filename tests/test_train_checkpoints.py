@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from train_helpers import make_processed, write_params
+from train_helpers import make_processed, train_settings, write_params
 from typer.testing import CliRunner
 
 from stages import params
@@ -143,7 +143,7 @@ def _run_state(seed: int, settings: TrainParams) -> RunState:
 
 
 def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
-    t = TrainParams(epochs=2, batch_size=8, crop_size=12, lr=0.1, warmup_epochs=0,
+    t = train_settings(epochs=2, batch_size=8, crop_size=12, lr=0.1, warmup_epochs=0,
                     schedule="plateau", plateau_patience=1)  # fmt: skip
     gen = np.random.default_rng(0)
     images = torch.from_numpy(gen.integers(0, 255, (32, 16, 16, 3), dtype=np.uint8))

@@ -146,6 +146,6 @@ def test_torchrun_two_gloo_processes_one_run_one_checkpoint(tmp_path):
     assert out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
     assert runs(root) == 1
     files = sorted(p.name for p in (root / "out/train").iterdir())
-    assert files == ["best.pt", "history.csv", "last.pt", "model.pt", "params.json"]
+    assert files == ["best.pt", "history.csv", "last.pt", "model.pt"]
     rows = history(root)
     assert len(rows) == 2 and 0 <= rows[-1]["val_top1"] <= 1

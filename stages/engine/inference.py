@@ -19,12 +19,15 @@ def predict_proba(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     speed: Speed | None = None,
+    mirror: bool = True,
 ) -> torch.Tensor:
     """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3).
 
     crops=1: the centre crop. crops=10: 4 corners + centre and their mirrors, softmax averaged;
-    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch. `speed` sets the
-    precision and memory format (those of training); default fp32, channels-last for conv nets.
+    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch. `mirror=False`
+    (a model trained without flips: its mirrored views are images it never learned, digits
+    that are other glyphs) leaves the mirrors out: 5 crops. `speed` sets the precision and
+    memory format (those of training); default fp32, channels-last for conv nets.
     """
     speed = speed or Speed(torch.device(device), channels_last=has_conv(model))
     device = speed.device
@@ -42,9 +45,9 @@ def predict_proba(
             if crops == 1:
                 probs = model(speed.inputs(center_crop(chunk, size))).float().softmax(-1)
             else:
-                views = ten_crop(chunk, size).flatten(0, 1)  # (B*10, 3, S, S)
-                logits = model(speed.inputs(views)).float()  # (B*10, K)
-                probs = logits.softmax(-1).view(len(chunk), 10, -1).mean(1)  # (B, K)
+                views = ten_crop(chunk, size)[:, : 10 if mirror else 5]  # (B, V, 3, S, S)
+                logits = model(speed.inputs(views.flatten(0, 1))).float()  # (B*V, K)
+                probs = logits.softmax(-1).view(len(chunk), views.shape[1], -1).mean(1)  # (B, K)
         out.append(probs.cpu())
     model.train(was_training)
     return torch.cat(out)
