@@ -18,7 +18,7 @@ from torch import nn
 
 import nets
 from stages.core import checkpoint
-from stages.core.errors import ParamsError
+from stages.core.errors import ParamsError, PipelineError
 from stages.core.validation import params_error
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.inference import predict_proba
@@ -78,6 +78,12 @@ def smallest_input(name: str, options: dict[str, Any], size: int) -> int | None:
 def build_model(p: Params, data: Processed) -> nn.Module:
     """params.yaml's model for the processed data: its classes, crop size and normalisation."""
     check_model_params(p)
+    if p.train.crop_size > data.image_size + 2 * p.train.pad:  # data made by other params
+        raise PipelineError(
+            f"train.crop_size is {p.train.crop_size} but the processed images are"
+            f" {data.image_size}x{data.image_size} (+{p.train.pad} padding): remake them for"
+            " these params with `dvc repro preprocess`, or lower train.crop_size"
+        )
     return nets.build(
         p.model, len(data.classes), p.train.crop_size,
         mean=data.mean_tensor(), std=data.std_tensor(), **p.net,
