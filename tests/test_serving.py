@@ -50,9 +50,13 @@ def logged(tmp_path, monkeypatch) -> tuple[mlflow.pyfunc.PyFuncModel, Path, str]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     ckpt = tmp_path / "model.pt"
     fabricate.save_checkpoint(ckpt, fabricate.model())
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    # An explicit artifact location: a sqlite store's default is ./mlruns of the current folder.
+    experiment = client.create_experiment("serving", (tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    # MLflow puts a logged model in the active experiment (as stages.core.runlog does).
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = mlflow.set_experiment("serving")
-    run = mlflow.MlflowClient().create_run(experiment.experiment_id)
+    mlflow.set_experiment(experiment_id=experiment)
     info = mlflow.models.Model.log(
         artifact_path=None, name="digits-alexnet", run_id=run.info.run_id,
         **serving.package(ckpt, checkpoint.load(ckpt)),

@@ -44,8 +44,8 @@ class ExportError(PipelineError):
     """A format, an option or an output folder that cannot be used."""
 
 
-def _checked(formats: list[str], crops: int, out: Path) -> list[str]:
-    """The formats to write, in a fixed order, once the options and `out` are checked."""
+def _formats(formats: list[str], crops: int) -> list[str]:
+    """The formats to write, in a fixed order, once they and `crops` are checked."""
     unknown = [f for f in formats if f not in FILES]
     if unknown or not formats:
         raise ExportError(
@@ -60,15 +60,17 @@ def _checked(formats: list[str], crops: int, out: Path) -> list[str]:
                 f"--format onnx needs the package(s) {', '.join(missing)} (torch's ONNX"
                 " exporter): pip install onnx onnxscript, or pip install -e '.[export]'"
             )
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: is a file; give a folder (the files go inside)")
+    return [f for f in FILES if f in formats]
+
+
+def _folder(out: Path) -> None:
+    """Make `out` (a folder the files go into), or one line why it cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"--out {out}: cannot create it ({err.strerror or err})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ExportError(f"--out {out}: not writable")
-    return [f for f in FILES if f in formats]
 
 
 def _program(module: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -109,7 +111,9 @@ def export(
     """Write the checkpoint's model in each of `formats` into `out`, with classes.json; prints
     one line per file and returns {format: path}."""
     out = Path(out)
-    formats = _checked(formats, crops, out)
+    formats = _formats(formats, crops)
+    if out.exists() and not out.is_dir():  # before the work; _folder makes it after
+        raise ExportError(f"--out {out}: is a file; give a folder (the files go inside)")
     trained = load_trained(checkpoint_path, "cpu")
     model = trained.model.float().to(memory_format=torch.contiguous_format).eval()
     module = Probabilities(model, trained.crop_size, crops).eval()
@@ -135,6 +139,7 @@ def export(
         raise ExportError(
             f"{checkpoint_path}: {trained.state['net']} cannot be exported as {fmt} ({first})"
         ) from None
+    _folder(out)  # made only now: a bad checkpoint or a failed export leaves no folder
     written = {}
     for fmt in formats:
         path = out / FILES[fmt]
