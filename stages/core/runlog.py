@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import shlex
 import shutil
 import tempfile
 import threading
@@ -365,8 +366,11 @@ def _log_model(log: RunLog, file: Path, state: dict[str, Any], data: dict[str, A
     )  # fmt: skip
     version = info.registered_model_version
     uri = f"models:/{registered}/{version}" if registered and version else info.model_uri
+    # MLflow's own default store is ./mlflow.db: from the repository root the URI is enough.
+    here = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    store = "" if log.uri == here else f"MLFLOW_TRACKING_URI={shlex.quote(log.uri)} "
     print(f"MLflow: model {name} logged as {uri}; serve it with"
-          f" `mlflow models serve -m {uri} --env-manager local`", flush=True)  # fmt: skip
+          f" `{store}mlflow models serve -m {uri} --env-manager local`", flush=True)  # fmt: skip
 
 
 def pending_folder() -> Path:
