@@ -32,6 +32,7 @@ from stages import params
 from stages import train as train_module
 from stages.commands.predict import predict
 from stages.core import checkpoint
+from stages.data.images import ImageFileError, decode_image, read_image
 from stages.engine import serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +84,27 @@ def test_paths_bytes_and_base64_give_predicts_answer(logged, tmp_path):
             assert row["classes"] == [name for name, _ in want.top]
             assert row["probabilities"] == pytest.approx([p for _, p in want.top], abs=1e-6)
     assert len(got.loc[0, "classes"]) == 2  # top=2 of 4 classes
+
+
+def test_bytes_are_read_exactly_as_the_file_is(tmp_path):
+    """decode_image (what the served model reads) gives read_image's pixels (predict's) for the
+    modes that need care: transparency, palette, 16-bit grey, EXIF rotation, a big JPEG."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "palette.gif")
+    wide = rng.integers(0, 65535, (24, 24), dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    photo = Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    photo.save(tmp_path / "rotated.jpg", exif=exif)  # draft mode decodes it at 1/4 scale
+    for path in sorted(tmp_path.iterdir()):
+        np.testing.assert_array_equal(
+            decode_image(path.read_bytes(), 32), read_image(path, 32), err_msg=path.name
+        )
+    with pytest.raises(ImageFileError, match=r"^upload: not an image file PIL can read$"):
+        decode_image(b"<html>", 32, name="upload")
 
 
 def test_signature_example_and_metadata_say_how_to_call_it(logged):

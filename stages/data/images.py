@@ -3,7 +3,9 @@ files into packed uint8 blocks, in parallel over the available cores.
 
 `read_image` is how an image file of any size and mode becomes a stored-size array: preprocess
 uses it for your own image folders (`decode_blocks(..., fit=True)`), `predict` and `submit` for
-the files they classify, so the model sees the same pixels in training and afterwards.
+the files they classify, and the served MLflow model for files sent as bytes (`decode_image`,
+the same steps from the file's bytes), so the model sees the same pixels in training and
+afterwards.
 
 decode_blocks is how preprocess decodes many files (Tiny ImageNet's 120,000 JPEGs, your own image
 folders): worker processes each decode a chunk of files and send back one (n, size, size, 3)
