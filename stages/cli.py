@@ -143,9 +143,10 @@ def export(
         10, help="1 (centre crop) or 10 (corners, centre, mirrors; softmax averaged), as predict."
     ),
 ) -> None:
-    """Write the model as files that run without this project: uint8 images (batch, S, S, 3) at
-    the stored size in, class probabilities out, with the crops, the normalisation and the
-    softmax inside; classes.json beside them names the classes. See docs/deploy.md."""
+    """Write the model as files that run without this project (ONNX, torch.export): uint8 RGB
+    images (batch, S, S, 3) in, S the training images' size (32 for digits), class
+    probabilities out; the crops, normalisation and softmax are inside, classes.json beside
+    names the classes. See docs/deploy.md."""
     from stages.commands.export import export as command
 
     _guard(lambda: command(checkpoint, out, formats, crops))

@@ -27,12 +27,34 @@ ort = pytest.importorskip("onnxruntime")  # a dev dependency: pip install -e ".[
 STORED, CROP, CLASSES = 36, 32, ["ant", "bee", "cat"]
 
 
+def spread(model: torch.nn.Module) -> None:
+    """Make a fresh net answer like a trained one: batch norm with statistics and scales of its
+    own (fresh: 0, 1, and a ResNet block's last scale 0), and the head rescaled so the logits
+    of random images spread over about +-2. A fresh net gives nearly the same probabilities
+    for every image, or 1.0 for one class: a crop, mean or std handled wrongly would not show."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.8, 1.2)
+                m.weight.uniform_(0.8, 1.2)
+                m.bias.normal_(0, 0.1)
+        model.eval()
+        logits = model(torch.rand(8, 3, CROP, CROP))  # (8, K)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        scale = 2 / logits.std().clamp_min(1e-6)
+        head.weight.mul_(scale)
+        head.bias.sub_(logits.mean(0)).mul_(scale)
+
+
 def save_net(path: Path, name: str) -> None:
     """A model.pt of net `name` (random weights, 3 classes, 32 px crops of 36 px images) with a
     mean image and std, as training writes it."""
     torch.manual_seed(0)
     mean = torch.rand(3, STORED, STORED) * 0.5  # (3, S, S): InputNorm cuts its centre crop
     model = nets.build(name, len(CLASSES), CROP, mean=mean, std=torch.tensor([0.2, 0.25, 0.3]))
+    spread(model)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     state = checkpoint.Inference(
         net=name, net_options={}, num_classes=len(CLASSES), image_size=CROP, stored_size=STORED,

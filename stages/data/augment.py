@@ -44,6 +44,7 @@ def crop_flip(
     down = steps if vflip is None else torch.where(vflip[:, None], size - 1 - steps, steps)
     rows = top[:, None] + down  # (B, S)
     cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # (B, S)
+    # top.shape[0], not len(top): len() is a Python int, which torch.export would freeze.
     first = torch.arange(top.shape[0], device=dev) if index is None else index  # (B,)
     # One index_select of 3-byte pixels by flat index, straight from the whole dataset: ~8x
     # faster on the CPU than the three-tensor advanced index images[batch, rows, cols], and no
