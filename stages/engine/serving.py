@@ -13,7 +13,7 @@ A string is a path only in Python: while serving it is base64, never a file name
 cannot make the server open its files. Output: one row per image, `classes` (the top-k names,
 most likely first) and `probabilities`. `top` and `crops` are params (defaults 5 and 10, as
 predict's). An image that cannot be decoded fails the request with MLflow's
-INVALID_PARAMETER_VALUE: HTTP 400 and one line naming the image, never a 500 or a traceback.
+INVALID_PARAMETER_VALUE: HTTP 400, the message ending in one line naming the image, no traceback.
 
 The served model needs this project installed (`--env-manager local`): the logged model's code
 is stages/engine/pyfunc_code.py, which imports this module.
@@ -70,11 +70,12 @@ def _serving() -> bool:
 
 
 def _file_bytes(data: bytes) -> bytes:
-    """An image file's bytes, from the file's bytes or from base64 of them (the scoring server
-    passes the `inputs` and `instances` formats' strings on undecoded, as bytes). Image files
-    are never valid base64: their headers hold bytes outside its alphabet."""
+    """An image file's bytes, from the file's bytes or from base64 of them on one line (the
+    scoring server passes the `inputs` and `instances` formats' strings on undecoded, as
+    bytes). An image file is never strict base64: binary formats hold bytes outside its
+    alphabet, text ones (ASCII PNM) whitespace between their numbers."""
     try:
-        return base64.b64decode(b"".join(data.split()), validate=True)
+        return base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
         return data
 
