@@ -151,6 +151,30 @@ def predict(
     _guard(lambda: command(images, checkpoint, top, crops, saliency, device))
 
 
+@app.command()
+def export(
+    formats: list[str] = typer.Option(
+        ["onnx", "exported-program"],
+        "--format",
+        "-f",
+        help="onnx (model.onnx, for onnxruntime) or exported-program (model.pt2, for"
+        " torch.export.load); repeat for both (the default).",
+    ),
+    checkpoint: Path = typer.Option(Path("out/train/model.pt"), help="Checkpoint to export."),
+    out: Path = typer.Option(Path("out/export"), help="Folder to write the files into."),
+    crops: int = typer.Option(
+        10, help="1 (centre crop) or 10 (corners, centre, mirrors; softmax averaged), as predict."
+    ),
+) -> None:
+    """Write the model as files that run without this project (ONNX, torch.export): uint8 RGB
+    images (batch, S, S, 3) in, S the training images' size (32 for digits), class
+    probabilities out; the crops, normalisation and softmax are inside, classes.json beside
+    names the classes. See docs/deploy.md."""
+    from stages.commands.export import export as command
+
+    _guard(lambda: command(checkpoint, out, formats, crops))
+
+
 @app.command("lr-find")
 def lr_find(
     params: Path = PARAMS,
@@ -215,9 +239,9 @@ def results(
 def log_pending() -> None:
     """Log to MLflow what a training could not while the store failed (out/train/mlflow-pending)."""
     from stages.core.runlog import log_pending as command
-    from stages.engine.model import from_checkpoint
+    from stages.engine.serving import package
 
-    _guard(lambda: typer.echo("\n".join(command(from_checkpoint)) or "MLflow: nothing waits"))
+    _guard(lambda: typer.echo("\n".join(command(package)) or "MLflow: nothing waits"))
 
 
 @app.command()

@@ -8,6 +8,7 @@ MLflow store that every one of them must have written to (the copy's root, even 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,9 +17,11 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from stages.params import compose, load, yaml_text
 
@@ -119,6 +122,9 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
     assert "model" in compact and "ten_crop.top1" in compact and "epochs" in compact
 
     found, client = runs(path)
+    digit = path / "digit.png"  # an image file, as a user has one
+    Image.fromarray(np.load(path / "out/processed/val_images.npy")[0]).save(digit)
+    classes = json.loads((path / "out/processed/classes.json").read_text())
     assert len(found) == 5, [r.info.run_name for r in found]
     assert all(r.info.status == "FINISHED" for r in found)
     names = [r.info.run_name for r in found]
@@ -140,6 +146,8 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
             output_format="list",
         )
         assert logged.name == f"digits-{run.data.tags['model']}"
-        model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-        probs = model(torch.rand(3, 3, 28, 28)).softmax(-1)  # any batch size, the crop size
-        assert probs.shape == (3, 10)
+        model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+        answer = model.predict(pd.DataFrame({"image": [str(digit)]}), params={"top": 3})
+        names, probs = answer.loc[0, "classes"], answer.loc[0, "probabilities"]
+        assert len(names) == 3 and set(names) <= set(classes)  # the digits' class names
+        assert list(probs) == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6

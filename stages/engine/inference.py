@@ -53,6 +53,28 @@ def predict_proba(
     return torch.cat(out)
 
 
+class Probabilities(nn.Module):
+    """`model` as `predict_proba` runs it, in one traceable module (for torch.export / ONNX):
+    uint8 images (B, H, W, 3) -> class probabilities (B, K), from the centre crop (crops=1) or
+    the softmax averaged over the 10 crops, cut by the same `center_crop` / `ten_crop`.
+
+    fp32 and contiguous whatever the training used: exported files run anywhere.
+    """
+
+    def __init__(self, model: nn.Module, size: int, crops: int = 1) -> None:
+        super().__init__()
+        if crops not in (1, 10):
+            raise ValueError(f"crops must be 1 or 10, got {crops}")
+        self.model, self.size, self.crops = model, size, crops
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.crops == 1:
+            return self.model(center_crop(images, self.size)).softmax(-1)  # (B, K)
+        views = ten_crop(images, self.size).flatten(0, 1)  # (B*10, 3, S, S)
+        probs = self.model(views).softmax(-1)  # (B*10, K)
+        return probs.unflatten(0, (-1, 10)).mean(1)  # (B, K)
+
+
 def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
     """{"top1": ..., "top5": ...} as fractions; k larger than the class count counts as all."""
     labels = torch.as_tensor(labels)
