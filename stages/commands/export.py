@@ -116,7 +116,7 @@ def export(
         raise ExportError(f"--out {out}: is a file; give a folder (the files go inside)")
     trained = load_trained(checkpoint_path, "cpu")
     model = trained.model.float().to(memory_format=torch.contiguous_format).eval()
-    module = Probabilities(model, trained.crop_size, crops).eval()
+    module = Probabilities(model, trained.crop_size, crops, trained.mirrored).eval()
     size, classes = trained.stored_size, trained.classes
     # A batch of 2: torch.export specialises a dimension of size 1 to a constant.
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # (B, S, S, 3)
