@@ -4,10 +4,11 @@ its images/s, and the projected time of its whole recipe.
     python benchmarks/presets.py --processed PATH/out/processed [--steps 200] [--presets a,b]
 
 PATH is a workspace where `dvc repro preprocess` (or `python -m stages preprocess -S
-dataset=tiny-imagenet`) ran on the real set. For each preset of presets/recipes.yaml whose dataset
-is tiny-imagenet, the model, optimizer, schedule and augmentation are built exactly as the train
-stage builds them (its params, on the CPU), then trained for --steps steps by the engine's own
-loop (stages.engine.loop.train_one_epoch, --steps/10 batches at a time) on the real training set.
+dataset=tiny-imagenet`) ran on the real set. For each recipe of conf/recipe/ whose dataset is
+tiny-imagenet, the model, optimizer, schedule and augmentation are built exactly as the train
+stage builds them (its params as conf/ composes them, on the CPU), then trained for --steps
+steps by the engine's own loop (stages.engine.loop.train_one_epoch, --steps/10 batches at a
+time) on the real training set.
 Prints the mean loss of each tenth of the steps (falling: it learns), the training images/s, and
 epochs x 100,000 images / that rate: the recipe's training time here (validation not counted).
 """
@@ -23,10 +24,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's nets/ and stages/
-sys.path.insert(0, str(REPO / "presets"))
-from args import RECIPES, args  # noqa: E402
-
-import nets  # noqa: E402
 from stages import params as params_module  # noqa: E402
 from stages import train as train_stage  # noqa: E402
 from stages.data.processed import load_processed  # noqa: E402
@@ -42,8 +39,8 @@ def hours(seconds: float) -> str:
 
 
 def bench(name: str, processed: Path, steps: int) -> str:
-    overrides = [a for a in args(name) if a != "-S"] + ["train.device=cpu"]
-    p = params_module.load(REPO / "params.yaml", overrides, defaults=nets.train_defaults)
+    composed = params_module.compose(REPO / "conf", [f"recipe={name}", "train.device=cpu"])
+    p = params_module.from_dict(composed)
     data = load_processed(p.preprocess_inputs(), folder=processed)
     torch.manual_seed(p.seed)
     run, _ = train_stage._build(p, Dist(), CPU, data)  # exactly as the train stage builds it
@@ -73,8 +70,10 @@ def main() -> None:
         "--presets", default="", help="comma-separated (default: every Tiny ImageNet one)"
     )
     a = ap.parse_args()
+    recipes = sorted(f.stem for f in (REPO / "conf" / "recipe").glob("*.yaml"))
     names = a.presets.split(",") if a.presets else [
-        n for n, r in RECIPES.items() if r.get("dataset") == "tiny-imagenet"
+        n for n in recipes
+        if params_module.compose(REPO / "conf", [f"recipe={n}"])["dataset"] == "tiny-imagenet"
     ]  # fmt: skip
     print(f"{a.steps} steps each, {torch.get_num_threads()} threads, {a.processed}")
     print("| preset | model | batch | epochs | images/s | loss per tenth of the steps |"

@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def train(root: Path, model: str, budget: str) -> tuple[float, int]:
            "-S", "train.batch_size=128", "-S", "train.resume=false", "-S", "train.device=cpu",
            "-S", f"train.memory_budget={budget}"]  # fmt: skip
     if model.startswith("resnet"):
-        cmd += ["-S", f"nets.{model}.stem_stride=4"]
+        cmd += ["-S", "net.stem_stride=4"]
     child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -84,6 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+        shutil.copytree(REPO / "conf", root / "conf")  # what -S model=... composes
         size = fabricate(root, args.images)
         start = time.perf_counter()
         streamed, streamed_peak = train(root, args.model, str(args.budget))

@@ -29,7 +29,8 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nets/, stages/
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's nets/, stages/
 import nets  # noqa: E402
 from stages.data.augment import augment  # noqa: E402
 from stages.data.stream import Resident  # noqa: E402
@@ -39,7 +40,7 @@ from stages.engine.inference import predict_proba  # noqa: E402
 from stages.engine.loop import train_one_epoch  # noqa: E402
 from stages.engine.schedules import Schedule  # noqa: E402
 from stages.engine.state import RunState  # noqa: E402
-from stages.params import TrainParams  # noqa: E402
+from stages.params import TrainParams, compose  # noqa: E402
 
 SIZE, CROP, CLASSES = 64, 56, 10
 CPU = torch.device("cpu")
@@ -102,7 +103,10 @@ def reference_epoch(root: Path, name: str, opts: dict, batch: int) -> None:
 
 def engine_epoch(train: Resident, name: str, opts: dict, batch: int, speed: Speed) -> None:
     model, opt = model_and_opt(name, opts, speed)
-    t = TrainParams(batch_size=batch, crop_size=CROP, warmup_epochs=0, epochs=1, lr=0.01)
+    t = TrainParams(
+        **compose(REPO / "conf")["train"]
+        | {"batch_size": batch, "crop_size": CROP, "warmup_epochs": 0, "epochs": 1, "lr": 0.01}
+    )
     run = RunState(
         model, model, opt, Schedule(opt, t, len(train) // batch),
         torch.amp.GradScaler("cpu", enabled=False), None, torch.Generator().manual_seed(0),

@@ -7,9 +7,8 @@ A builder has the signature `builder(num_classes, image_size, *, option: Type = 
 its keyword defaults are the model's options (`options(name)`), so a checkpoint can store the
 name plus the options and rebuild the same module. Each option's annotation says what it takes
 (a type, a `Field` range, `Literal` choices): `options_model(name)` is the pydantic model that
-checks params.yaml's `nets.<name>` entry against them. Beside it, `register` takes the model's
-training defaults (`train_defaults(name)`): the `train.*` values it was tuned with on the
-default data, which fill every train key params.yaml leaves `null` when `model` selects it.
+checks params.yaml's `net` section against them. The defaults are the architecture as published;
+what the pipeline trains (options and training values) is set in conf/model/<name>.yaml.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from nets.common import ArrayLike, Classifier, InputNorm
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
-_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {}
 _OPTIONS: dict[str, type[BaseModel]] = {}
 _POSITIONAL = ("num_classes", "image_size")
 # The rules params.yaml's sections follow: exact types (an integer is also a number), finite
@@ -36,16 +34,14 @@ class UnknownNetError(ValueError):
     """A model name nobody registered."""
 
 
-def register(name: str, train: dict[str, object] | None = None) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder(num_classes, image_size, **options)` under `name`, with
-    `train`, its training defaults (e.g. {"lr": 0.05, "epochs": 16}: `train.*` keys)."""
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(num_classes, image_size, **options)` under `name`."""
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _OPTIONS[name] = _options_model(name, builder)
         _REGISTRY[name] = builder
-        _TRAIN_DEFAULTS[name] = dict(train or {})
         return builder
 
     return decorator
@@ -61,11 +57,6 @@ def _options_model(name: str, builder: Builder) -> type[BaseModel]:
             raise TypeError(f"model {name!r}: option {p.name!r} needs a type and a default")
         fields[p.name] = (p.annotation, p.default)
     return create_model(f"{name}_options", __config__=_STRICT, **fields)
-
-
-def train_defaults(name: str) -> dict[str, object]:
-    """The `train.*` values model `name` trains well with on the default data ({} if unknown)."""
-    return dict(_TRAIN_DEFAULTS.get(name, {}))
 
 
 def names() -> list[str]:

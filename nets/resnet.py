@@ -44,12 +44,7 @@ def _resnet(
     return model
 
 
-# On the default data (28 px crops, with params.yaml's stem_stride 4: 7x7 maps into layer1):
-# a larger batch and rate than the AlexNet-tuned defaults, and more epochs.
-SMALL_IMAGES = {"epochs": 16, "batch_size": 64, "lr": 0.05}
-
-
-@register("resnet18", train=SMALL_IMAGES)
+@register("resnet18")
 def resnet18(
     num_classes: int,
     image_size: int,
@@ -61,7 +56,7 @@ def resnet18(
     return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
 
 
-@register("resnet34", train=SMALL_IMAGES)
+@register("resnet34")
 def resnet34(
     num_classes: int,
     image_size: int,
@@ -73,14 +68,7 @@ def resnet34(
     return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
 
 
-# Bottlenecks: more epochs, a larger rate, label smoothing, and contiguous tensors (with
-# channels_last its 1x1 convs at these map sizes run at 10-20 img/s on a CPU, not ~180; on a
-# GPU set train.memory_format=auto, which picks channels_last there).
-@register(
-    "resnet50",
-    train=SMALL_IMAGES
-    | {"epochs": 24, "lr": 0.1, "label_smoothing": 0.1, "memory_format": "contiguous"},
-)
+@register("resnet50")
 def resnet50(
     num_classes: int,
     image_size: int,

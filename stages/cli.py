@@ -7,6 +7,7 @@ line on stderr and a non-zero exit: 2 for bad parameters, 1 for missing or bad d
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import typer
 
 from stages.core.errors import Interrupted, ParamsError, PipelineError, on_signal
 from stages.core.files import is_write_error, write_failure
-from stages.params import Params, load
+from stages.params import Params, compose, conf_dir, drift, from_dict, load, read, yaml_text
 
 app = typer.Typer(
     help="Train convolutional networks from scratch: download -> preprocess -> train -> evaluate."
@@ -29,7 +30,11 @@ app = typer.Typer(
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file to read.")
 SET = typer.Option(
-    [], "--set", "-S", help="Override a parameter, e.g. -S train.epochs=3 -S model=mlp."
+    [],
+    "--set",
+    "-S",
+    help="Override a parameter as `dvc exp run -S` does: -S train.epochs=3 changes that value"
+    " of params.yaml; -S model=mlp (or dataset=, recipe=) composes conf/ with that choice.",
 )
 
 
@@ -55,18 +60,36 @@ def _guard(action: Callable[[], Any]) -> None:
 
 def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
     """Load and check params.yaml (+ overrides), then run `stage` under `_guard`."""
-    import nets
+    from stages.data.sources import check_params
     from stages.engine.model import check_model_params
 
     def action() -> None:
-        p = load(params, overrides, defaults=nets.train_defaults)  # its errors name the file
+        p = load(params, overrides)  # its errors name the file
         try:
-            check_model_params(p)  # every command checks the model choice before any work
-            stage(p)
+            check_params(p)  # every command checks the dataset and model before any work
+            check_model_params(p)
         except ParamsError as err:
             raise ParamsError(f"{params}: {err}") from None
+        _note_drift(params, p, overrides)
+        stage(p)
 
     _guard(action)
+
+
+def _note_drift(params: Path, p: Params, overrides: list[str]) -> None:
+    """One line when params.yaml holds values conf/ does not give (a hand edit, or an earlier
+    `dvc exp run -S`): the next `dvc exp run` recomposes params.yaml from conf/ without them.
+    Said outside experiments only: inside one, DVC has just composed params.yaml."""
+    if overrides or os.environ.get("DVC_EXP_NAME"):
+        return
+    keys = drift(params, p)
+    if keys:
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        typer.echo(
+            f"note: {params} differs from conf/ at {shown}; `dvc repro` runs it as it stands,"
+            " `dvc exp run` recomposes it from conf/ without them (edit conf/ to keep them)",
+            err=True,
+        )
 
 
 @app.command()
@@ -134,6 +157,30 @@ def predict(
     _guard(lambda: command(images, checkpoint, top, crops, saliency, device))
 
 
+@app.command()
+def export(
+    formats: list[str] = typer.Option(
+        ["onnx", "exported-program"],
+        "--format",
+        "-f",
+        help="onnx (model.onnx, for onnxruntime) or exported-program (model.pt2, for"
+        " torch.export.load); repeat for both (the default).",
+    ),
+    checkpoint: Path = typer.Option(Path("out/train/model.pt"), help="Checkpoint to export."),
+    out: Path = typer.Option(Path("out/export"), help="Folder to write the files into."),
+    crops: int = typer.Option(
+        10, help="1 (centre crop) or 10 (corners, centre, mirrors; softmax averaged), as predict."
+    ),
+) -> None:
+    """Write the model as files that run without this project (ONNX, torch.export): uint8 RGB
+    images (batch, S, S, 3) in, S the training images' size (32 for digits), class
+    probabilities out; the crops, normalisation and softmax are inside, classes.json beside
+    names the classes. See docs/deploy.md."""
+    from stages.commands.export import export as command
+
+    _guard(lambda: command(checkpoint, out, formats, crops))
+
+
 @app.command("lr-find")
 def lr_find(
     params: Path = PARAMS,
@@ -198,12 +245,12 @@ def results(
 def log_pending() -> None:
     """Log to MLflow what a training could not while the store failed (out/train/mlflow-pending)."""
     from stages.core.runlog import log_pending as command
-    from stages.engine.model import from_checkpoint
+    from stages.engine.serving import package
 
     def action() -> None:
         aside: list[str] = []  # what can never be logged: the error line, once it is set aside
         try:
-            done = command(from_checkpoint, aside.append)
+            done = command(package, aside.append)
         except PipelineError:
             for line in aside:
                 typer.echo(f"MLflow: {line}", err=True)
@@ -217,24 +264,48 @@ def log_pending() -> None:
 
 
 @app.command()
-def models(params: Path = PARAMS) -> None:
-    """List the models: their options (builder defaults, with the values params.yaml sets under
-    `nets.<model>` marked *) and their training defaults (what each `train.*` key params.yaml
-    leaves null becomes)."""
+def models() -> None:
+    """List the models: each one's options and training values, from conf/model/<model>.yaml."""
     import nets
 
-    try:
-        configured = load(params).nets
-    except ParamsError:
-        configured = {}
-    for name in nets.names():
-        set_here = configured.get(name, {})
-        opts = ", ".join(
-            f"{k}={set_here.get(k, v)!r}{'*' if k in set_here else ''}"
-            for k, v in nets.options(name).items()
+    def action() -> None:
+        conf = conf_dir("params.yaml")
+        typer.echo(
+            f"Each model's options (net.*) and training values come from {conf}/model/<model>"
+            ".yaml; a recipe (conf/recipe/) or -S overrides them."
         )
-        tuned = ", ".join(f"{k}={v!r}" for k, v in nets.train_defaults(name).items())
-        typer.echo(f"{name:10s} options: {opts or '-'}\n{'':10s} train:   {tuned or '-'}")
+        for name in nets.names():
+            values = read(conf / "model" / f"{name}.yaml")
+            opts = ", ".join(f"{k}={v!r}" for k, v in (values.get("net") or {}).items())
+            train = ", ".join(f"{k}={v!r}" for k, v in values.get("train", {}).items())
+            typer.echo(f"{name:10s} net:   {opts or '-'}\n{'':10s} train: {train or '-'}")
+
+    _guard(action)
+
+
+@app.command(name="compose")
+def compose_params(
+    set_: list[str] = SET,
+    write: bool = typer.Option(
+        False, "--write", help="Replace params.yaml with it (as `dvc exp run` would)."
+    ),
+    params: Path = PARAMS,
+) -> None:
+    """Compose params.yaml from conf/ as `dvc exp run -S ...` does, and print it: what a
+    recipe or model sets, or params.yaml made anew after editing conf/ (for `dvc repro`)."""
+    from stages.core.files import atomic_path
+
+    def action() -> None:
+        data = compose(conf_dir(params), set_)
+        from_dict(data)  # what does not validate is said now, not by the next stage
+        if not write:
+            typer.echo(yaml_text(data), nl=False)
+            return
+        with atomic_path(params) as tmp:
+            tmp.write_text(yaml_text(data))
+        typer.echo(f"wrote {params}", err=True)
+
+    _guard(action)
 
 
 def main() -> None:

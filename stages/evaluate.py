@@ -89,5 +89,6 @@ def evaluate(p: Params) -> dict:
         f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
         f" {metrics['ten_crop']['top1']:.2%} 10-crop"
         f" (top-5 {metrics['single_crop']['top5']:.2%} / {metrics['ten_crop']['top5']:.2%})"
+        + ("" if trained.mirrored else "; trained without flips: 5 crops, no mirrored views")
     )
     return metrics

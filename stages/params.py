@@ -1,20 +1,27 @@
-"""Pipeline configuration: frozen pydantic models mirroring params.yaml, loaded and validated once.
+"""The run's values: params.yaml, composed from conf/ by Hydra, read once and validated here.
+
+conf/ decides every value: conf/config.yaml, then the chosen dataset's, model's and recipe's
+files (conf/dataset/, conf/model/, conf/recipe/), then `-S` overrides. `dvc exp run` composes
+them into params.yaml before the stages run; `compose()` does the same for `convnet compose` and
+for a stage's `-S model=...`. `dvc repro` and every stage read params.yaml as it stands.
 
 The CLI calls `load()`; every stage function receives the resulting `Params` and never opens
-params.yaml itself. Every key is checked: exact types (no "3" for an integer, no 1 for a
-boolean), finite numbers, ranges, choices, unknown keys; a failure raises `ParamsError` naming
-the key, which the CLI turns into one line and exit code 2.
+params.yaml itself. params.yaml is read as DVC reads it (YAML 1.2, ruamel.yaml), so DVC and the
+stages agree on every value (`yes` is a string to both). Every key is checked: present, exact
+types (no "3" for an integer, no 1 for a boolean), finite numbers, ranges, choices, unknown
+keys; a failure raises `ParamsError` naming the key, which the CLI turns into one line and exit
+code 2. What a key means for a dataset or a model (does the crop fit its images, is it an option
+of that model) is checked by the dataset sources and the model registry, which the CLI calls
+right after `load()`.
 """
 
 from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,71 +36,26 @@ from pydantic import (
 
 from stages.core.errors import ParamsError
 from stages.core.validation import check, params_error
-from stages.data.sources import SOURCES
 
 # What train.device and every --device accept.
 DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as DVC reads it: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, while
-    DVC (YAML 1.2) and every user read a number; and, as DVC does, a key given twice is an error
-    (PyYAML would keep the last value). One loader for params.yaml and `-S` values."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[tuple[str, str], yaml.Node] = {}
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                seen = first.setdefault((key.tag, key.value), key)
-                if seen is not key:
-                    raise yaml.constructor.ConstructorError(
-                        problem=f"duplicate key {key.value!r} (first on line "
-                        f"{seen.start_mark.line + 1}); keep one",
-                        problem_mark=key.start_mark,
-                    )
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's multi-line report as one phrase: where, what, and inside what."""
-    mark = getattr(err, "problem_mark", None)
-    if mark is None:
-        return f"not valid YAML ({' '.join(str(err).split())})"
-    where = f"line {mark.line + 1}, column {mark.column + 1}"
-    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
-    inside = f" ({context} that starts on line {start.line + 1})" if context and start else ""
-    return f"not valid YAML: {where}: {err.problem}{inside}"
+# The config groups of conf/: a `-S` naming one of them picks a file of that folder.
+GROUPS = ("dataset", "model", "recipe")
 
 
 class _Section(BaseModel):
-    """A part of params.yaml: exact types (an integer is also a number), finite numbers, no
-    unknown keys, immutable. A section left empty (null) takes its defaults."""
+    """A part of params.yaml: every key present, exact types (an integer is also a number),
+    finite numbers, no unknown keys, immutable."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_defaults(cls, data: Any) -> Any:
-        return {} if data is None else data
-
 
 class DownloadParams(_Section):
-    data_dir: str = "data"  # looked at first for archives a user placed by hand
-    mirror: str = ""  # alternative base address for the official files ("" = official)
-    folder: str = "images"  # dataset "folder": your images under <data_dir>/<folder>/<class>/
-    retries: PositiveInt = 4  # attempts per address on connection errors and 5xx, with backoff
-    timeout: PositiveFloat = 60.0  # seconds without a byte before a connection counts as dropped
+    data_dir: str  # looked at first for archives a user placed by hand
+    mirror: str  # alternative base address for the official files ("" = official)
+    folder: str  # dataset "folder": your images under <data_dir>/<folder>/<class>/
+    retries: PositiveInt  # attempts per address on connection errors and 5xx, with backoff
+    timeout: PositiveFloat  # seconds without a byte before a connection counts as dropped
 
     @field_validator("data_dir")
     @classmethod
@@ -123,11 +85,11 @@ class DownloadParams(_Section):
 class ShapesParams(_Section):
     """The synthetic counting set: images of N filled circles, class = N."""
 
-    min_count: PositiveInt = 1
-    max_count: PositiveInt = 5
-    per_class: int = Field(1000, ge=2)  # images generated per count
-    min_radius: PositiveInt = 3  # equal radii: fixed-size circles; different: sizes vary
-    max_radius: PositiveInt = 3
+    min_count: PositiveInt
+    max_count: PositiveInt
+    per_class: int = Field(ge=2)  # images generated per count
+    min_radius: PositiveInt  # equal radii: fixed-size circles; different: sizes vary
+    max_radius: PositiveInt
 
     @model_validator(mode="after")
     def _ordered(self) -> ShapesParams:
@@ -145,66 +107,58 @@ class ShapesParams(_Section):
 
 
 class PreprocessParams(_Section):
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # stratified split where a source has none
-    image_size: int = Field(32, ge=8, le=1024)  # side of `folder` and `shapes` images
-    skip_bad_images: bool = False  # false: an undecodable file fails the stage, listing it
-    workers: NonNegativeInt = 0  # processes decoding images; 0 = every available core
-    shapes: ShapesParams = Field(default_factory=ShapesParams)
-
-
-# The train keys params.yaml leaves null: each model declares what it trains well with
-# (nets.train_defaults); train writes their values to out/train/params.json for `dvc exp show`.
-MODEL_TUNED = (
-    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
-    "label_smoothing", "memory_format",
-)  # fmt: skip
+    val_fraction: float = Field(gt=0, lt=1)  # stratified split where a source has none
+    image_size: int = Field(ge=8, le=1024)  # side of `folder` and `shapes` images
+    skip_bad_images: bool  # false: an undecodable file fails the stage, listing it
+    workers: NonNegativeInt  # processes decoding images; 0 = every available core
+    shapes: ShapesParams
 
 
 class TrainParams(_Section):
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 32
-    optimizer: Literal["sgd", "adam", "adamw", "adagrad"] = "sgd"
-    lr: PositiveFloat = 0.01
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "step", "constant", "onecycle", "plateau"] = "cosine"
-    warmup_epochs: NonNegativeInt = 1  # at most `epochs`, or the rate never reaches `lr`
-    step_epochs: PositiveInt = 30  # "step" schedule: divide the rate by 10 every step_epochs
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    crop_size: int = Field(28, ge=8)  # random crops for training, centre/10-crop for evaluation
-    pad: NonNegativeInt = 0  # zero padding before the random crop
-    flip: bool = True  # random horizontal flip
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optimizer: Literal["sgd", "adam", "adamw", "adagrad"]
+    lr: PositiveFloat
+    momentum: float = Field(ge=0, lt=1)
+    nesterov: bool
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["cosine", "step", "constant", "onecycle", "plateau"]
+    warmup_epochs: NonNegativeInt  # at most `epochs`, or the rate never reaches `lr`
+    step_epochs: PositiveInt  # "step" schedule: divide the rate by 10 every step_epochs
+    label_smoothing: float = Field(ge=0, lt=1)
+    crop_size: int = Field(ge=8, le=1024)  # random crops to train, centre/10 crops to evaluate
+    pad: NonNegativeInt  # zero padding before the random crop
+    flip: bool  # random horizontal flip
+    device: str  # auto | cpu | cuda | cuda:N
     # Transfer learning (stages/engine/pretrained.py): "scratch", "pretrained" (torchvision's
     # ImageNet weights) or the path of one of this project's checkpoints.
-    init: str = "scratch"
-    freeze_epochs: NonNegativeInt = 0  # train only the new layers for this many epochs first
-    loss: Literal["cross_entropy", "hinge"] = "cross_entropy"  # smoothed: label_smoothing > 0
-    decay_norm_and_bias: bool = False  # weight decay on biases and norm parameters too
-    plateau_patience: PositiveInt = 3  # "plateau": epochs without val top-1 gain before a cut
-    plateau_factor: float = Field(0.1, gt=0, lt=1)  # "plateau": multiply the rate by this
-    patience: NonNegativeInt = 0  # early stopping: epochs without val top-1 gain (0 = never)
-    vflip: bool = False  # random vertical flip
-    resized_crop: bool = False  # random-resized-crop (area and aspect) instead of a plain crop
-    resized_crop_scale: float = Field(0.25, gt=0, le=1)  # smallest area a resized crop takes
-    brightness: float = Field(0.0, ge=0, lt=1)  # colour jitter: largest relative change
-    contrast: float = Field(0.0, ge=0, lt=1)
-    saturation: float = Field(0.0, ge=0, lt=1)
-    hue: float = Field(0.0, ge=0, le=0.5)  # largest hue rotation, a fraction of the wheel
-    cutout: NonNegativeInt = 0  # side of the zeroed square (px) cut from each image (0 = off)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
-    compile: bool = False  # torch.compile the model
-    cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA only)
+    init: str
+    freeze_epochs: NonNegativeInt  # train only the new layers for this many epochs first
+    loss: Literal["cross_entropy", "hinge"]  # cross_entropy is smoothed with label_smoothing > 0
+    decay_norm_and_bias: bool  # weight decay on biases and norm parameters too
+    plateau_patience: PositiveInt  # "plateau": epochs without val top-1 gain before a cut
+    plateau_factor: float = Field(gt=0, lt=1)  # "plateau": multiply the rate by this
+    patience: NonNegativeInt  # early stopping: epochs without val top-1 gain (0 = never)
+    vflip: bool  # random vertical flip
+    resized_crop: bool  # random-resized-crop (area and aspect) instead of a plain crop
+    resized_crop_scale: float = Field(gt=0, le=1)  # smallest area a resized crop takes
+    brightness: float = Field(ge=0, lt=1)  # colour jitter: largest relative change
+    contrast: float = Field(ge=0, lt=1)
+    saturation: float = Field(ge=0, lt=1)
+    hue: float = Field(ge=0, le=0.5)  # largest hue rotation, a fraction of the wheel
+    cutout: NonNegativeInt  # side of the zeroed square (px) cut from each image (0 = off)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # autocast dtype
+    memory_format: Literal["auto", "channels_last", "contiguous"]
+    compile: bool  # torch.compile the model
+    cudnn_benchmark: bool  # cuDNN autotuning (CUDA only)
     # GiB of the training device the training set may take whole ("auto": half of what is free
     # there when training starts); a larger set is streamed from disk a batch at a time.
-    memory_budget: PositiveFloat | Literal["auto"] = "auto"
-    ema_decay: float = Field(0.0, ge=0, lt=1)  # moving average of the weights (0 = off)
-    histogram_every: NonNegativeInt = 0  # weight/activation histograms every N epochs (0 = off)
-    sync_batchnorm: bool = False  # synchronise batch-norm statistics across DDP ranks
-    resume: bool = True  # continue from out/train/last.pt when its params match
-    register_model: bool = False  # also register the MLflow model as convnet-<dataset>-<model>
+    memory_budget: PositiveFloat | Literal["auto"]
+    ema_decay: float = Field(ge=0, lt=1)  # moving average of the weights (0 = off)
+    histogram_every: NonNegativeInt  # weight/activation histograms every N epochs (0 = off)
+    sync_batchnorm: bool  # synchronise batch-norm statistics across DDP ranks
+    resume: bool  # continue from out/train/last.pt when its params match
+    register_model: bool  # also register the MLflow model as convnet-<dataset>-<model>
 
     @field_validator("device")
     @classmethod
@@ -223,11 +177,26 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
+        """The keys bounded by others: a schedule that reaches its rate, augmentation that
+        leaves something of the image to learn from."""
         check(
             self.warmup_epochs <= self.epochs,
             f"is {self.warmup_epochs} but train.epochs is {self.epochs}: the rate would never"
             f" reach train.lr; use at most {self.epochs}",
             "warmup_epochs",
+        )
+        half = self.crop_size // 2
+        check(
+            self.pad <= half,
+            f"is {self.pad} but train.crop_size is {self.crop_size}: use at most {half}, so"
+            " that every random crop is at least a quarter image",
+            "pad",
+        )
+        check(
+            self.cutout <= half,
+            f"is {self.cutout} but train.crop_size is {self.crop_size}: use at most {half}"
+            " (half the crop), or cutout erases whole images",
+            "cutout",
         )
         check(
             self.loss == "cross_entropy" or self.label_smoothing == 0,
@@ -243,7 +212,7 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: PositiveInt = 256
+    batch_size: PositiveInt
 
 
 Picture = Literal["predictions", "mistakes", "filters", "augmentation", "curves", "confusion"]
@@ -251,72 +220,39 @@ REPORT_PICTURES: tuple[str, ...] = typing.get_args(Picture)
 
 
 class ReportParams(_Section):
-    # Which pictures the report stage draws (any subset of REPORT_PICTURES).
-    pictures: list[Picture] = Field(default_factory=lambda: list(REPORT_PICTURES))
-    num_images: PositiveInt = 10  # images in the predictions and mistakes pictures
+    pictures: list[Picture]  # which pictures the report stage draws
+    num_images: PositiveInt  # images in the predictions and mistakes pictures
     # Draws those images; separate from `seed` so a new sample needs no retraining.
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    augment_images: PositiveInt = 32  # training images in the augmentation preview
-    top_pairs: PositiveInt = 20  # rows of the most-confused-pairs table
-    ascent_steps: PositiveInt = 20  # gradient-ascent steps per filter picture (CPU time ~ steps)
-    ascent_lr: PositiveFloat = 0.1
-    max_channels: PositiveInt = 32  # channels shown per gradient-ascent grid
+    seed: int = Field(ge=0, le=2**32 - 1)
+    augment_images: PositiveInt  # training images in the augmentation preview
+    top_pairs: PositiveInt  # rows of the most-confused-pairs table
+    ascent_steps: PositiveInt  # gradient-ascent steps per filter picture (CPU time ~ steps)
+    ascent_lr: PositiveFloat
+    max_channels: PositiveInt  # channels shown per gradient-ascent grid
 
 
 class Params(_Section):
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range numpy and scikit-learn take
-    dataset: str = "digits"
-    # `model`, `nets.*` and `train.init: pretrained` are checked against the model registry by
-    # stages.engine.model.check_model_params (the CLI calls it right after loading): keeping
-    # the registry out of this module keeps it out of the stages that never build a model, so
-    # editing a net reruns only the stages that use it.
-    model: str = "alexnet"
-    download: DownloadParams = Field(default_factory=DownloadParams)
-    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    report: ReportParams = Field(default_factory=ReportParams)
-    # Per-architecture options, e.g. {"alexnet": {"activation": "prelu"}}; only the entry of
-    # `model` is used, so `-S model=...` switches architecture without editing this.
-    nets: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        check(value in SOURCES, f"must be one of: {', '.join(SOURCES)}, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _fits_the_images(self) -> Params:
-        """The rules that depend on the dataset's images: its own (shapes: the circles fit),
-        then the crop fits in them."""
-        source = SOURCES[self.dataset]
-        if source.check is not None:
-            source.check(self)
-        size = source.image_size or self.preprocess.image_size
-        check(
-            self.train.crop_size <= size + 2 * self.train.pad,
-            f"is {self.train.crop_size} but {self.dataset} images are {size}x{size}"
-            f" (+{self.train.pad} padding); use a crop of at most {size + 2 * self.train.pad}",
-            "train.crop_size",
-        )
-        return self
-
-    @property
-    def net_options(self) -> dict[str, Any]:
-        """Options of the selected model (empty when params.yaml sets none)."""
-        return dict(self.nets.get(self.model, {}))
+    seed: int = Field(ge=0, le=2**32 - 1)  # the range numpy and scikit-learn take
+    # Checked against the dataset sources and the model registry by the CLI (see the module's
+    # docstring): keeping them out of this module keeps the registry out of the stages that
+    # never build a model, so editing a net reruns only the stages that use it.
+    dataset: str
+    model: str
+    recipe: str  # the conf/recipe/ file that set the values, or "none"
+    download: DownloadParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    report: ReportParams
+    net: dict[str, Any]  # the model's options, e.g. {"activation": "prelu"}
 
     def to_dict(self) -> dict[str, Any]:
         """The params as plain nested dicts, in params.yaml's layout."""
         return self.model_dump()
 
     def tracked(self) -> dict[str, Any]:
-        """The params as MLflow shows them (`train.lr: 0.01`), with only the selected model's
-        `nets` options: the others played no part in the run."""
-        tree = self.to_dict()
-        tree["nets"] = {self.model: self.net_options}
-        return {k: v for k, v in flatten(tree).items() if v != {}}
+        """The params as MLflow shows them (`train.lr: 0.01`, `net.hidden: 1024`)."""
+        return {k: v for k, v in flatten(self.to_dict()).items() if v != {}}
 
     def preprocess_inputs(self) -> dict[str, Any]:
         """The params that determine out/processed (what preprocess records in info.json)."""
@@ -325,65 +261,184 @@ class Params(_Section):
         return {"seed": self.seed, "dataset": self.dataset, "preprocess": pre}
 
 
-def load(
-    path: Path | str = "params.yaml",
-    overrides: list[str] | tuple[str, ...] = (),
-    defaults: Callable[[str], dict[str, Any]] | None = None,
-) -> Params:
-    """Read params.yaml, apply `key.sub=value` overrides (YAML values), fill the `train` keys
-    left null, validate, return Params. Errors about the file's content name the file.
+def read(path: Path | str) -> dict[str, Any]:
+    """params.yaml (or any YAML mapping) as DVC reads it: YAML 1.2, a key given twice is an
+    error. ParamsError names the file, and for YAML errors the line and column."""
+    from ruamel.yaml import YAML, YAMLError
 
-    A null train key takes `defaults(model)[key]`, the selected model's training default
-    (`nets.train_defaults`, passed in by the CLI: this module does not import the nets), else
-    TrainParams' own default.
-    """
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root")
     if not path.is_file():
         raise ParamsError(f"{path}: not a file; --params takes a YAML file like params.yaml")
     try:
-        data = _yaml(path.read_text())
-    except yaml.YAMLError as err:
+        data = YAML(typ="safe").load(path.read_text())
+    except YAMLError as err:
         raise ParamsError(f"{path}: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not a text file; --params takes a YAML file") from None
     if data is None or data == {}:
         raise ParamsError(f"{path}: is empty; it must set the pipeline's parameters")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: must be a mapping of keys to values")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ParamsError(f"override {item!r}: {part} is not a section")
-        try:
-            node[leaf] = _yaml(raw)
-        except yaml.YAMLError as err:
-            raise ParamsError(f"override {item!r}: {_yaml_problem(err)}") from None
-    _fill_nulls(data, defaults or (lambda model: {}))
+    return data
+
+
+def _yaml_problem(err: Exception) -> str:
+    """ruamel's multi-line report as one phrase: where, what, and inside what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return f"not valid YAML ({' '.join(str(err).split())[:200]})"
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    problem = problem.split(' with value "')[0]  # a duplicate key: the value adds nothing
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    inside = f" ({context} that starts on line {start.line + 1})" if context and start else ""
+    return f"not valid YAML: {where}: {problem}{inside}"
+
+
+def conf_dir(params_file: Path | str) -> Path:
+    """The conf/ folder that params.yaml is composed from: beside it."""
+    return Path(params_file).resolve().parent / "conf"
+
+
+def compose(conf: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """conf/ composed as `dvc exp run -S <overrides>` composes params.yaml, as plain dicts.
+
+    The same Hydra calls DVC makes (compose, then resolve); `yaml_text()` writes the result as
+    DVC writes params.yaml. A failure is one ParamsError: an unknown group option or key, a
+    malformed override, a key some file should have set left `???`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (conf / "config.yaml").is_file():
+        raise ParamsError(f"{conf}/config.yaml: not found; params are composed from conf/")
+    try:
+        with initialize_config_dir(str(conf.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        data = OmegaConf.to_container(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ParamsError(_hydra_problem(str(err), conf, overrides)) from None
+    if missing:
+        raise ParamsError(
+            f"{missing[0]}: no value; conf/config.yaml marks it ??? for every file of a group"
+            " (conf/dataset/ or conf/model/) to set, and the chosen one does not"
+        )
+    return data
+
+
+def _hydra_problem(text: str, conf: Path, overrides: list[str] | tuple[str, ...]) -> str:
+    """Hydra's report (several lines, its search path) as one line naming the key."""
+    if found := re.search(r"Could not find '(\w+)/([^']*)'", text):
+        group, name = found.groups()
+        options = sorted(f.stem for f in (conf / group).glob("*.yaml"))
+        return f"{group}: no {group} {name!r} in conf/{group}/; one of: {', '.join(options)}"
+    if found := re.search(r"Could not override '([^']+)'", text):
+        return (
+            f"{found.group(1)}: not a key of params.yaml for this dataset and model"
+            " (`convnet compose` shows them all)"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(text).__name__
+    return f"-S {' '.join(overrides) or '(none)'}: {first}"
+
+
+def yaml_text(data: dict[str, Any]) -> str:
+    """`data` written as DVC writes a composed params.yaml (OmegaConf's YAML)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def choices(data: dict[str, Any]) -> list[str]:
+    """The group choices a params.yaml records, as overrides: ["dataset=digits", ...]."""
+    picked = [f"{g}={data[g]}" for g in GROUPS if isinstance(data.get(g), str)]
+    return [c for c in picked if c != "recipe=none"]
+
+
+def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml, apply `-S` overrides, validate, return Params. Errors name the file.
+
+    The overrides take Hydra's syntax, as `dvc exp run -S` does. A plain key (`train.lr=0.05`)
+    changes that value of params.yaml as it stands. Choosing a dataset, model or recipe
+    (`model=resnet50`) composes conf/ (beside params.yaml) with all the overrides, exactly as
+    `dvc exp run -S ...` would, so the model comes with its own values.
+    """
+    path = Path(path)
+    data = read(path)
+    parsed = _parse(overrides)
+    if any(key in GROUPS for key, _ in parsed):
+        data = compose(conf_dir(path), overrides)
+    else:
+        for key, value in parsed:
+            _set(data, key, value)
     try:
         return from_dict(data)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
 
-def _fill_nulls(data: dict[str, Any], defaults: Callable[[str], dict[str, Any]]) -> None:
-    """Replace each null under `train` by the model's training default, or drop it (so the
-    built-in default applies)."""
-    train = data.get("train")
-    if not isinstance(train, dict):
-        return
-    model = data.get("model", Params.model_fields["model"].default)
-    tuned = defaults(model) if isinstance(model, str) else {}
-    for key in [k for k, v in train.items() if v is None]:
-        if key in tuned:
-            train[key] = tuned[key]
-        else:
-            del train[key]
+_DELETE = object()  # the value of a `~key` override: take the key out
+
+
+def _parse(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """(key, value) of each `key=value` (`+key=value` adds one, `~key` takes one out), its
+    value read by Hydra's override grammar (what `dvc exp run -S` reads: `1e-3` a number,
+    `[a,b]` a list, `null` None)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not (sep or item.startswith("~")) or not key.strip("+~"):
+            raise ParamsError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        try:
+            [override] = OverridesParser.create().parse_overrides([item])
+        except HydraException as err:
+            problem = " ".join(str(err).split())
+            raise ParamsError(f"-S {item!r}: not a valid override ({problem})") from None
+        if override.is_sweep_override():
+            raise ParamsError(
+                f"-S {item!r}: a sweep runs one experiment per value; a stage takes one"
+                " value (`dvc exp run --queue -S ...` runs the sweep)"
+            )
+        value = _DELETE if override.is_delete() else override.value()
+        parsed.append((override.key_or_group, value))
+    return parsed
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"-S {key}: {'.'.join(parents[: i + 1])} is not a section")
+    if value is _DELETE:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+
+
+def drift(path: Path | str, p: Params) -> list[str]:
+    """The keys where params.yaml differs from what conf/ composes for its own dataset, model
+    and recipe: values a `-S` or a hand edit put there, which the next `dvc exp run` replaces
+    by conf/'s. Empty where there is no conf/ beside params.yaml, or nothing differs."""
+    conf = conf_dir(path)
+    if not (conf / "config.yaml").is_file():
+        return []
+    try:
+        composed = flatten(compose(conf, choices(p.to_dict())))
+    except ParamsError:
+        return []  # a conf/ that does not compose is not this run's problem
+    here = flatten(p.to_dict())
+    return sorted(k for k in here.keys() | composed.keys() if here.get(k) != composed.get(k))
 
 
 def from_dict(data: dict[str, Any]) -> Params:

@@ -1,12 +1,16 @@
 """Stage 3, train: one model on one dataset, data and augmentation on the training device.
 
-Writes out/train/model.pt (what inference needs) and out/train/history.csv (one row per
-epoch, for `dvc plots`) once, when training finished; logs everything to one MLflow run, epoch
-by epoch. Two more checkpoints stay outside DVC's outputs: last.pt (every epoch: the model plus
-the run's state, `RunState`, with the history so far; a killed run resumes from it) and best.pt
-(the same, at the epoch with the best validation top-1). stages.core.checkpoint defines what
-each file holds. Under torchrun every rank trains on its shard of the data with
-DistributedDataParallel; rank 0 alone logs and writes files.
+Writes out/train/model.pt (what inference needs) once, when training finished, and
+out/train/history.csv (one row per epoch, for `dvc plots`) after every epoch, so `dvc plots
+show` draws the curves while training runs; logs everything to one MLflow run, epoch by epoch,
+and the model at the end (stages.engine.serving: image files in, class names out). Two more
+checkpoints stay outside DVC's outputs: last.pt (every epoch: the model plus the run's state,
+`RunState`, with the history so far; a killed run resumes from it) and best.pt (the same, at
+the epoch with the best validation top-1). history.csv is rewritten whole (atomically) from
+the history last.pt holds, after last.pt: it never shows an epoch last.pt lacks, so a resumed
+run only adds rows, and the finished file is the same whichever way the run got there.
+stages.core.checkpoint defines what each file holds. Under torchrun every rank trains on its
+shard of the data with DistributedDataParallel; rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
-from stages.core.files import atomic_path, only_one, write_json
+from stages.core.files import atomic_path, only_one
 from stages.core.runlog import RunLog, training_run
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
 from stages.data.sources import SOURCES
 from stages.data.stream import Resident, Streamed
 from stages.data.writer import digest
-from stages.engine import distributed, pretrained
+from stages.engine import distributed, pretrained, serving
 from stages.engine.device import (
     Speed,
     has_conv,
@@ -42,17 +46,21 @@ from stages.engine.device import (
 from stages.engine.distributed import Dist
 from stages.engine.loop import TrainingError, run_epoch
 from stages.engine.losses import make_loss
-from stages.engine.model import build_model, from_checkpoint
+from stages.engine.model import build_model
 from stages.engine.optim import make_optimizer
 from stages.engine.schedules import Schedule
 from stages.engine.state import RunState
 from stages.explain import histograms
-from stages.params import MODEL_TUNED, Params, TrainParams, flatten
+from stages.params import Params, TrainParams, flatten
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _write_history(rows: list[dict]) -> None:
+    """history.csv: one row per finished epoch, replaced whole so a reader (`dvc plots show`
+    during training) never sees half a file."""
+    if not rows:
+        return
     with atomic_path(paths.HISTORY) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -122,7 +130,7 @@ def _mlflow_run(
     if not dist.main:
         return contextlib.nullcontext()
     return training_run(
-        from_checkpoint, run_id, run_name=tracking.run_name(params.dataset, params.model),
+        serving.package, run_id, run_name=tracking.run_name(params.dataset, params.model),
         tags=tracking.run_tags(params.dataset, params.model, source="stages/train.py"),
     )  # fmt: skip
 
@@ -164,6 +172,8 @@ def _train(
     )
     if resumed is not None:
         run.load_state_dict(resumed)
+        if dist.main:  # the epochs so far at once (DVC deleted its outputs before the stage)
+            _write_history(run.history)
     resumed_from = run.epoch if resumed is not None else None
     if dist.main:
         print(_banner(params, run, notes, len(data.train_labels), resumed_from))
@@ -191,6 +201,7 @@ def _train(
                     saved = epoch
                     if improved:
                         checkpoint.save(paths.BEST, state)
+                    _write_history(run.history)  # after last.pt: never ahead of it
                     print(_progress(epoch, settings, row, run.since_best), flush=True)
         except Interrupted as err:  # say how far training got and how to go on
             raise Interrupted(err.signum, _stopped(run.epoch, saved, settings.epochs)) from None
@@ -327,7 +338,7 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
     """model.pt's content now: the network, the data it learned from, its result weights."""
     speed = run.speed
     return checkpoint.Inference(
-        net=params.model, net_options=params.net_options, num_classes=len(data.classes),
+        net=params.model, net_options=params.net, num_classes=len(data.classes),
         image_size=params.train.crop_size, stored_size=data.image_size, classes=data.classes,
         precision=speed.precision,
         memory_format="channels_last" if speed.channels_last else "contiguous",
@@ -337,14 +348,13 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
 
 
 def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None:
-    """The stage's outputs, written once: model.pt, history.csv and params.json, then last.pt
-    marked complete (a kill in between resumes straight to here); then the MLflow artifacts and
-    model are queued (the model is logged from model.pt)."""
+    """The stage's outputs: model.pt, history.csv (as after the last epoch),
+    then last.pt marked complete (a kill in between resumes straight to here); then the MLflow
+    artifacts and model are queued (the model is logged from model.pt)."""
     run.complete = True
     model = _inference(params, data, run).to_dict()
     checkpoint.save(paths.CHECKPOINT, model)
     _write_history(run.history)
-    write_json(paths.TRAIN_PARAMS, {k: getattr(params.train, k) for k in MODEL_TUNED})
     checkpoint.save(paths.LAST, model | run.state_dict())
     log.artifact(paths.HISTORY)
     mean_png = paths.PROCESSED / "mean.png"

@@ -48,7 +48,7 @@ def processed(root: Path) -> None:
 
 
 def p(*overrides: str) -> params.Params:
-    base = ["model=alexnet", f"train.crop_size={CROP}", "nets.alexnet.fc_width=16"]
+    base = ["model=alexnet", f"train.crop_size={CROP}", "net.fc_width=16"]
     return params.load(REPO / "params.yaml", base + list(overrides))
 
 

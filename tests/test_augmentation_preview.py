@@ -2,14 +2,14 @@
 
 import numpy as np
 import torch
+from train_helpers import params_from
 
 from stages.data.augment import augment, augment_options
-from stages.params import from_dict
 from stages.report import augmentation_views
 
 
 def train_params(**train):
-    return from_dict({"train": train}).train
+    return params_from({"train": train}).train
 
 
 def test_default_preview_is_the_crop_and_the_flip():

@@ -115,3 +115,17 @@ def test_topk_accuracy():
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     acc = topk_accuracy(probs, torch.tensor([1, 1, 0]), ks=(1, 2))
     assert acc == pytest.approx({"top1": 1 / 3, "top2": 2 / 3})
+
+
+def test_ten_crop_without_mirrors_averages_the_five_plain_crops():
+    """A model trained without flips is tested on the views it learned: corners and centre."""
+    torch.manual_seed(0)
+    model = nets.build("alexnet", 5, 24).eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    five = predict_proba(model, images, 24, crops=10, batch_size=2, mirror=False)
+    with torch.no_grad():
+        views = ten_crop(torch.from_numpy(images), 24)[:, :5]  # (3, 5, 3, 24, 24)
+        expected = model(views.flatten(0, 1)).softmax(-1).view(3, 5, -1).mean(1)
+    torch.testing.assert_close(five, expected, rtol=1e-4, atol=1e-5)
+    ten = predict_proba(model, images, 24, crops=10, batch_size=2)
+    assert not torch.allclose(five, ten)  # the mirrors are what differs

@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from train_helpers import params_from
 
 from stages.core.errors import PipelineError
 from stages.data import fetch
 from stages.data import images as imaging
 from stages.data.fetch import UnsafeArchiveError
-from stages.data.sources import SOURCES, LayoutError
+from stages.data.sources import SOURCES, LayoutError, check_params
 from stages.data.sources.base import pad_and_stack
 from stages.data.sources.shapes import counting_set
 from stages.data.writer import BadImagesError
 from stages.download import download
-from stages.params import ParamsError, from_dict
+from stages.params import ParamsError
 from stages.preprocess import preprocess
 from tests import fakes
 from tests.fakes import Route, closed_port_url, serve
@@ -47,7 +48,7 @@ def use_files(monkeypatch, dataset: str, files: dict[str, bytes]) -> None:
 
 def params(dataset: str, mirror: str = "", **preprocess):
     crop = {"tiny-imagenet": 56}.get(dataset, 28)
-    return from_dict(
+    return params_from(
         {
             "dataset": dataset,
             "download": {"mirror": mirror, "retries": 2, "timeout": 10.0},
@@ -224,7 +225,7 @@ def test_folder_of_mixed_formats_and_sizes():
             kwargs = {"lossless": True} if name.endswith("webp") else {}
             img.save(folder / name, **kwargs)
         (folder / "notes.txt").write_text("not an image")  # ignored by extension
-    p = from_dict(
+    p = params_from(
         {
             "dataset": "folder",
             "download": {"folder": "pics"},
@@ -254,7 +255,7 @@ def test_folder_centre_crop_keeps_the_middle():
             wide[..., 2] = 255
             wide[:, 20:40] = (255, 0, 0)
             Image.fromarray(wide).save(f"data/images/{cls}/{i}.png")
-    p = from_dict(
+    p = params_from(
         {
             "dataset": "folder",
             "preprocess": {"image_size": 10, "val_fraction": 0.5},
@@ -282,7 +283,7 @@ def test_hidden_files_and_folders_are_skipped_at_any_depth():
         Image.new("RGB", (12, 12), (0, 250, 0)).save(folder / ".thumbnails/0.png")
     Path("data/images/.cache").mkdir()
     Image.new("RGB", (12, 12), (0, 250, 0)).save("data/images/.cache/0.png")
-    p = from_dict(
+    p = params_from(
         {
             "dataset": "folder",
             "preprocess": {"image_size": 10, "val_fraction": 0.5},
@@ -300,7 +301,7 @@ def test_hidden_files_and_folders_are_skipped_at_any_depth():
 
 
 def test_folder_missing_or_with_an_empty_class_fails_naming_it():
-    p = from_dict({"dataset": "folder"})
+    p = params_from({"dataset": "folder"})
     with pytest.raises(PipelineError, match="data/images: not found; put your images in"):
         download(p)
     Path("data/images/a").mkdir(parents=True)
@@ -326,7 +327,7 @@ def test_shapes_counts_and_determinism():
 
 def test_shapes_many_circles_through_the_stages():
     shapes = {"min_count": 45, "max_count": 47, "per_class": 4, "min_radius": 1, "max_radius": 1}
-    p = from_dict(
+    p = params_from(
         {
             "dataset": "shapes",
             "seed": 3,
@@ -349,14 +350,17 @@ def test_shapes_many_circles_through_the_stages():
 
 def test_crop_size_checked_against_preprocess_image_size():
     with pytest.raises(ParamsError, match="train.crop_size: is 40 but shapes images are 32x32"):
-        from_dict({"dataset": "shapes", "train": {"crop_size": 40}})
-    p = from_dict(
+        check_params(params_from({"dataset": "shapes", "train": {"crop_size": 40}}))
+    p = params_from(
         {"dataset": "folder", "preprocess": {"image_size": 48}, "train": {"crop_size": 40}}
     )
+    check_params(p)
     assert p.train.crop_size == 40
     with pytest.raises(ParamsError, match="preprocess.shapes: 50 circles of radius 5 do not fit"):
-        from_dict(
-            {"dataset": "shapes", "preprocess": {"shapes": {"max_count": 50, "max_radius": 5}}}
+        check_params(
+            params_from(
+                {"dataset": "shapes", "preprocess": {"shapes": {"max_count": 50, "max_radius": 5}}}
+            )
         )
 
 

@@ -12,11 +12,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from train_helpers import full_params
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.data import fetch
 from stages.data.fetch import FetchError, UnsafeArchiveError, extract
+from stages.params import yaml_text
 from tests.fakes import Route, closed_port_url, remote, serve, tar_gz_bytes, zip_bytes
 
 BODY = bytes(range(256)) * 400  # 100 KiB, several read chunks when CHUNK is small
@@ -184,9 +186,8 @@ def test_extract_refuses_a_zip_symlink(tmp_path):
 
 def test_cli_turns_a_download_error_into_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        f"dataset: mnist\ndownload:\n  mirror: {closed_port_url()}\n  retries: 1\n"
-    )
+    partial = {"download": {"mirror": closed_port_url(), "retries": 1}}
+    (tmp_path / "params.yaml").write_text(yaml_text(full_params(partial, "dataset=mnist")))
     result = CliRunner().invoke(app, ["download"])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output

@@ -1,20 +1,12 @@
-"""dvc.yaml's code deps are complete: every file a stage's module imports, however indirectly,
-lies under one of that stage's deps, so editing it makes `dvc status` list the stage.
-
-The imports are read with `ast`, every `import` and `from ... import` at any depth (inside
-functions and `if TYPE_CHECKING:` blocks too): a lazy import still runs when its branch does.
-Importing `stages.core.paths` executes `stages/__init__.py` and `stages/core/__init__.py`
-first, so each parent package's `__init__.py` counts as imported. The walk starts at the stage
-module that `python -m stages <name>` calls; `stages/__main__.py` and `stages/cli.py` only
-dispatch to it and are not part of any stage's deps.
+"""dvc.yaml's code deps are exactly what each stage runs: every file its module imports,
+however indirectly (tools/dvc_deps.py computes them and writes them into dvc.yaml), so editing a
+file makes `dvc status` list exactly the stages that import it.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -24,69 +16,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from dvc_deps import closure, expected, stage_module  # noqa: E402
+
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 DATA_DIR = PARAMS["download"]["data_dir"]  # the user's data folder: a data dep, not code
-
-
-def module_file(root: Path, module: str) -> Path | None:
-    """The file of `module` in `root` (a module or a package's __init__.py), or None."""
-    base = root.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def module_name(root: Path, path: Path) -> str:
-    rel = path.relative_to(root).with_suffix("")
-    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-
-
-def imported_names(root: Path, path: Path) -> set[str]:
-    """Every module name `path` may import; `from x import y` gives x and x.y (y may be a
-    module or a name in x: module_file tells them apart)."""
-    own = module_name(root, path)
-    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: `from . import x`, `from ..core import y`
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join([*parts, node.module] if node.module else parts)
-            else:
-                module = node.module or ""
-            names.add(module)
-            names |= {f"{module}.{alias.name}" for alias in node.names}
-    return names
-
-
-def closure(root: Path, start: Path) -> set[Path]:
-    """`start` and every file of `root` it imports, transitively, parent packages included."""
-    seen: set[Path] = set()
-    todo = [start]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for name in imported_names(root, path):
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):  # a.b.c runs a/__init__.py, a/b/__init__.py
-                found = module_file(root, ".".join(parts[:i]))
-                if found is not None:
-                    todo.append(found)
-    return {p.relative_to(root) for p in seen}
-
-
-def stage_module(name: str) -> Path:
-    cmd = shlex.split(PIPELINE[name]["cmd"])
-    assert cmd[:3] == ["python", "-m", "stages"] and len(cmd) == 4, (
-        f"{name}: cmd {PIPELINE[name]['cmd']!r} is not `python -m stages <stage>`"
-    )
-    return Path("stages") / f"{cmd[3]}.py"
 
 
 def resolve(path: str) -> str:
@@ -110,36 +45,42 @@ def outputs() -> set[str]:
     return {p for s in PIPELINE.values() for key in ("outs", "metrics") for p in paths(s.get(key))}
 
 
-def covers(dep: str, file: Path) -> bool:
-    return Path(dep) == file or Path(dep) in file.parents
-
-
 @pytest.mark.parametrize("stage", PIPELINE)
-def test_deps_cover_every_file_the_stage_imports(stage):
-    deps = paths(PIPELINE[stage]["deps"])
-    module = stage_module(stage)
-    assert (ROOT / module).is_file(), f"{stage}: {module} does not exist"
-    missing = sorted(
-        str(f) for f in closure(ROOT, ROOT / module) if not any(covers(d, f) for d in deps)
-    )
-    assert not missing, f"dvc.yaml: stage {stage} imports files none of its deps cover:\n" + (
-        "\n".join(missing)
+def test_code_deps_are_exactly_the_files_the_stage_imports(stage):
+    found, want = PIPELINE[stage]["deps"], expected(ROOT, PIPELINE[stage])
+    assert found == want, (
+        f"dvc.yaml: stage {stage}: deps differ from its imports (run `python tools/dvc_deps.py`)"
+        f"\nmissing: {sorted(set(want) - set(found))}\nunused: {sorted(set(found) - set(want))}"
     )
 
 
-@pytest.mark.parametrize("stage", PIPELINE)
-def test_no_code_dep_is_unused(stage):
-    """A code dep that covers nothing the stage imports only reruns it for nothing."""
-    files = closure(ROOT, ROOT / stage_module(stage))
-    code = [d for d in paths(PIPELINE[stage]["deps"]) if d not in (*outputs(), DATA_DIR)]
-    unused = [d for d in code if not any(covers(d, f) for f in files)]
-    assert not unused, f"dvc.yaml: stage {stage} lists deps it does not import: {unused}"
+def test_a_train_only_module_is_no_dep_of_download_or_preprocess():
+    """Editing the augmentation (train's) leaves the data stages, and their gigabytes, alone."""
+    for stage in ("download", "preprocess"):
+        assert "stages/data/augment.py" not in PIPELINE[stage]["deps"]
+        assert "stages/core/runlog.py" not in PIPELINE[stage]["deps"]
+    assert "stages/data/augment.py" in PIPELINE["train"]["deps"]
+
+
+def test_the_rewriter_restores_a_dep_taken_out(tmp_path):
+    """tools/dvc_deps.py --check fails on a dvc.yaml missing a dep, and a rewrite restores it."""
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    shutil.copytree(ROOT / "nets", tmp_path / "nets")
+    shutil.copytree(ROOT / "tools", tmp_path / "tools")
+    text = (ROOT / "dvc.yaml").read_text()
+    (tmp_path / "dvc.yaml").write_text(text.replace("      - stages/data/augment.py\n", "", 1))
+    tool = [sys.executable, str(tmp_path / "tools/dvc_deps.py")]
+    check = subprocess.run([*tool, "--check"], capture_output=True, text=True, check=False)
+    assert check.returncode == 1 and "stage train" in check.stderr
+    subprocess.run(tool, capture_output=True, text=True, check=True)
+    assert (tmp_path / "dvc.yaml").read_text() == text
 
 
 @pytest.mark.parametrize("stage", PIPELINE)
 def test_no_stage_imports_another(stage):
-    others = {stage_module(s) for s in PIPELINE if s != stage}
-    found = sorted(str(f) for f in closure(ROOT, ROOT / stage_module(stage)) & others)
+    others = {stage_module(PIPELINE[s]["cmd"]) for s in PIPELINE if s != stage}
+    mine = closure(ROOT, ROOT / stage_module(PIPELINE[stage]["cmd"]))
+    found = sorted(str(f) for f in mine & others)
     assert not found, f"stage {stage} imports other stages: {found}"
 
 
@@ -190,8 +131,11 @@ def test_closure_follows_lazy_indirect_and_relative_imports(tmp_path):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
+    (tmp_path / "pkg/sub/table.tsv").write_text("a\tb\n")  # read by helper.py, which names it
+    (tmp_path / "pkg/sub/helper.py").write_text("import json\nTABLE = 'table.tsv'\n")
+    (tmp_path / "pkg/sub/notes.txt").write_text("named by nobody\n")
     found = {str(p) for p in closure(tmp_path, tmp_path / "pkg/stage.py")}
-    assert found == set(files) - {"pkg/sub/unused.py", "other/__init__.py"}
+    assert found == set(files) - {"pkg/sub/unused.py", "other/__init__.py"} | {"pkg/sub/table.tsv"}
 
 
 def test_closure_of_train_reaches_indirect_and_lazy_imports():

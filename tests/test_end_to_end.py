@@ -1,12 +1,14 @@
 """The whole pipeline through DVC in a temporary copy of the repository, MLflow store included.
 
-Runs `dvc repro` on a reduced config, `dvc exp run -S model=mlp`, two queued experiments in
-parallel (`dvc queue start -j 2`), then checks `dvc metrics show` and reads the MLflow store
-that every one of them must have written to (the copy's root, even for queued runs).
+Runs `dvc repro` on a reduced config, a recipe and then a model through `dvc exp run` (params.yaml
+composed from conf/ by Hydra: nothing of the recipe leaks into the next run), two queued
+experiments in parallel (`dvc queue start -j 2`), then checks `dvc metrics show` and reads the
+MLflow store that every one of them must have written to (the copy's root, even for queued runs).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,10 +17,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
-import torch
-import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from stages.params import compose, load, yaml_text
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -49,10 +54,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
         if (ROOT / name).is_file() and not name.startswith("out/"):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["model"] = "logreg"
-    params["train"].update(epochs=2, batch_size=256)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    reduced = compose(dest / "conf", ["model=logreg", "train.epochs=2", "train.batch_size=256"])
+    (dest / "params.yaml").write_text(yaml_text(reduced))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -82,7 +85,20 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
         assert (path / "out/evaluate" / name).stat().st_size > 0
     assert (path / "out/report/curves.png").stat().st_size > 0  # the learning curves
 
-    sh("dvc", "exp", "run", "-S", "model=mlp", cwd=path, env=env, quiet=True)
+    # A recipe on the default data: it runs with the recipe's values...
+    recipe = ["-S", "recipe=tiny-imagenet-cpu", "-S", "dataset=digits", "-S", "train.epochs=1",
+              "-S", "train.warmup_epochs=1", "-S", "train.crop_size=28"]  # fmt: skip
+    sh("dvc", "exp", "run", *recipe, cwd=path, env=env, quiet=True)
+    p = load(path / "params.yaml")
+    assert (p.recipe, p.model, p.net["stem_stride"], p.train.hue) == (
+        "tiny-imagenet-cpu", "resnet18", 4, 0.05,
+    )  # fmt: skip
+    assert p.train.label_smoothing == 0.1
+    # ... and the next experiment gets exactly what it gets on a fresh clone: nothing leaks.
+    sh("dvc", "exp", "run", "-S", "model=mlp", "-S", "train.epochs=2", cwd=path, env=env,
+       quiet=True)  # fmt: skip
+    fresh = yaml_text(compose(ROOT / "conf", ["model=mlp", "train.epochs=2"]))
+    assert (path / "params.yaml").read_text() == fresh
     # The experiment's params and results are in the workspace now; no .dvc file was written.
     changed = sh("git", "status", "--porcelain", cwd=path, env=env)
     assert ".dvc" not in changed and "params.yaml" in changed, changed
@@ -98,21 +114,23 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
     assert status.count("Success") == 2, status
     table = sh("dvc", "exp", "show", "--no-pager", "--md", cwd=path, env=env)
     rows = [line for line in table.splitlines() if "──" in line]  # one per experiment
-    assert len(rows) == 3 and "ten_crop.top1" in table
+    assert len(rows) == 4 and "ten_crop.top1" in table
     assert not [row for row in rows if "!" in row], table  # "!": metrics missing from a commit
     compact = sh("dvc", "exp", "show", "--no-pager", "--md", "--only-changed", "--drop",
-                 "Created|State|Executor|.*loss|stages|nets|out/", cwd=path, env=env)  # fmt: skip
+                 "Created|State|Executor|.*loss|stages|net|out/", cwd=path, env=env)  # fmt: skip
     assert "stages/train.py" not in compact and "ten_crop.loss" not in compact
     assert "model" in compact and "ten_crop.top1" in compact and "epochs" in compact
 
     found, client = runs(path)
-    assert len(found) == 4, [r.info.run_name for r in found]
+    digit = path / "digit.png"  # an image file, as a user has one
+    Image.fromarray(np.load(path / "out/processed/val_images.npy")[0]).save(digit)
+    classes = json.loads((path / "out/processed/classes.json").read_text())
+    assert len(found) == 5, [r.info.run_name for r in found]
     assert all(r.info.status == "FINISHED" for r in found)
     names = [r.info.run_name for r in found]
-    assert len(set(names)) == 4 and "digits/logreg" in names, names  # told apart by DVC exp
+    assert len(set(names)) == 5 and "digits/logreg" in names, names  # told apart by DVC exp
     assert sum(n.startswith("digits/mlp/") for n in names) == 2, names
-    queued = [r for r in found if r.data.params["train.epochs"] == "1"]
-    assert len(queued) == 2 and all(r.data.tags["dvc_exp_name"] for r in queued)
+    assert len([r for r in found if r.data.tags["dvc_exp_name"]]) == 4  # all but dvc repro's
     for run in found:
         epochs = int(run.data.params["train.epochs"])
         history = client.get_metric_history(run.info.run_id, "val_top1")
@@ -128,6 +146,8 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
             output_format="list",
         )
         assert logged.name == f"digits-{run.data.tags['model']}"
-        model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-        probs = model(torch.rand(3, 3, 28, 28)).softmax(-1)  # any batch size, the crop size
-        assert probs.shape == (3, 10)
+        model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+        answer = model.predict(pd.DataFrame({"image": [str(digit)]}), params={"top": 3})
+        names, probs = answer.loc[0, "classes"], answer.loc[0, "probabilities"]
+        assert len(names) == 3 and set(names) <= set(classes)  # the digits' class names
+        assert list(probs) == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6

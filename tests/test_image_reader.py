@@ -13,13 +13,13 @@ import fabricate
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import params_from
 
 from stages.commands.predict import predict
 from stages.core import paths
 from stages.data import images as imaging
 from stages.data.images import ImageFileError, decode_files, read_image
 from stages.engine.model import load_trained
-from stages.params import from_dict
 from stages.preprocess import preprocess
 
 ORIENTATION = 0x0112  # EXIF tag; 6: the stored pixels are the picture turned 90 degrees left
@@ -179,7 +179,7 @@ def test_preprocess_stores_exactly_what_read_image_returns(tmp_path, monkeypatch
         gif = Image.fromarray(noise(30, 20)).convert("P", palette=Image.ADAPTIVE, colors=32)
         gif.save(folder / "palette.gif", transparency=0)
         files += [(f, label) for f in sorted(folder.iterdir())]
-    p = from_dict(
+    p = params_from(
         {
             "dataset": "folder",
             "preprocess": {"image_size": 16, "workers": 2, "val_fraction": 0.4},

@@ -87,3 +87,37 @@ def test_stages_holds_only_the_five_stages_the_cli_and_params():
         if (d / "__init__.py").exists()
     }
     assert nested == {"data/sources"}
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or not, type-hint imports included (a
+    circle makes every change to one a change to the other, for DVC and for a reader). A
+    package's __init__ importing its own modules, which register with it, is the one shape
+    allowed (the model registry)."""
+    graph = {name: set() for name in modules()}
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in graph and t != name}
+        if path.name == "__init__.py":  # the registry idiom: not an edge of a circle
+            graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+        return False
+
+    circles = sorted(f"{a} -> {b}" for a in graph for b in graph[a] if reaches(b, a))
+    assert not circles, "import circles:\n" + "\n".join(circles)

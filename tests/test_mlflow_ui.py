@@ -28,7 +28,6 @@ def store(tmp_path_factory):
     (as a `dvc exp run` named quiet-fern does), each trained 2 epochs and evaluated."""
     root = tmp_path_factory.mktemp("ui")
     make_processed(root)
-    write_params(root)
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -37,7 +36,7 @@ def store(tmp_path_factory):
         for model, exp_name in (("mlp", None), ("logreg", "quiet-fern")):
             if exp_name:
                 mp.setenv("DVC_EXP_NAME", exp_name)
-            p = params.load("params.yaml", [f"model={model}"])
+            p = params.load(write_params(root, model))
             train.train(p)
             evaluate.evaluate(p)
     mlflow.set_tracking_uri(uri)

@@ -4,6 +4,7 @@ with one line from the parent alone (the workers no longer inherit the CLI's sig
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def stage(root: Path, name: str, **popen) -> subprocess.Popen:
 
 def test_a_successful_preprocess_prints_no_worker_traceback(tmp_path):
     folder_set(tmp_path, per_class=300)  # 600 files: 3 chunks, both workers busy
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    shutil.copytree(REPO / "conf", tmp_path / "conf")  # -S dataset=folder composes it
     assert stage(tmp_path, "download").wait(timeout=120) == 0
     for _ in range(3):  # it was one run in two, or more: the pool's end raced the workers
         out, err = stage(tmp_path, "preprocess").communicate(timeout=300)
@@ -47,7 +49,8 @@ def test_a_successful_preprocess_prints_no_worker_traceback(tmp_path):
 
 def test_ctrl_c_during_decoding_is_one_line_from_the_parent(tmp_path):
     folder_set(tmp_path, per_class=1500)  # long enough to be interrupted while decoding
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    shutil.copytree(REPO / "conf", tmp_path / "conf")  # -S dataset=folder composes it
     assert stage(tmp_path, "download").wait(timeout=300) == 0
     # Its own process group, as a terminal's: Ctrl-C reaches the parent and every worker.
     child = stage(tmp_path, "preprocess", start_new_session=True)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+from train_helpers import params_from
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.data.processed import load_processed
 from stages.download import download
-from stages.params import from_dict
 from stages.preprocess import preprocess
 from tests import fabricate
 
 
 def shapes_params(**overrides):
     base = {"dataset": "shapes", "seed": 1, "preprocess": {"shapes": {"per_class": 6}}}
-    return from_dict(base | overrides)
+    return params_from(base | overrides)
 
 
 def test_preprocess_records_the_params_that_made_the_data(tmp_path, monkeypatch):
@@ -30,11 +30,11 @@ def test_preprocess_records_the_params_that_made_the_data(tmp_path, monkeypatch)
     assert info["params"]["dataset"] == "shapes" and "workers" not in info["params"]["preprocess"]
     load_processed(p.preprocess_inputs())  # the same params: accepted
     pre = {"shapes": {"per_class": 6}, "workers": 1}
-    other_workers = from_dict({"dataset": "shapes", "seed": 1, "preprocess": pre})
+    other_workers = params_from({"dataset": "shapes", "seed": 1, "preprocess": pre})
     load_processed(other_workers.preprocess_inputs())  # decoding processes change nothing
 
     with pytest.raises(Exception, match=r"dataset='shapes' \(params: 'digits'\)"):
-        load_processed(from_dict({}).preprocess_inputs())
+        load_processed(params_from({}).preprocess_inputs())
     with pytest.raises(Exception, match=r"seed=1 \(params: 2\)"):
         load_processed(shapes_params(seed=2).preprocess_inputs())
 

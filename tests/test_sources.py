@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import params_from
 
 from stages.core.errors import PipelineError
 from stages.data import fetch
@@ -26,7 +27,6 @@ from stages.data.sources import (
 )
 from stages.data.sources.base import pad_and_stack
 from stages.download import download
-from stages.params import from_dict
 from stages.preprocess import preprocess
 from tests import fakes
 from tests.fakes import closed_port_url
@@ -45,7 +45,7 @@ def workspace(tmp_path, monkeypatch):
 def offline(dataset: str):
     """Params whose every network access fails: only data/ can provide the files."""
     crop = {"tiny-imagenet": 56, "imagenet64": 56}.get(dataset, 28)
-    return from_dict(
+    return params_from(
         {
             "dataset": dataset,
             "download": {"mirror": closed_port_url(), "retries": 1, "timeout": 5.0},

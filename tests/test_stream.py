@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_processed
+from train_helpers import make_processed, params_from
 
-from stages import params
 from stages import train as train_module
 from stages.data.stream import Resident, Streamed
 from stages.engine.distributed import Dist
@@ -66,10 +65,7 @@ def test_a_set_over_the_budget_streams_and_trains_the_same_weights(tmp_path, mon
              "brightness": 0.2}  # fmt: skip
     weights = {}
     for budget in ("auto", 0.00001):  # 49 KiB of images: resident, then streamed
-        p = params.from_dict(
-            {"model": "resnet18", "nets": {"resnet18": {"stem_stride": 4}},
-             "train": train | {"memory_budget": budget}}
-        )  # fmt: skip
+        p = params_from({"train": train | {"memory_budget": budget}}, "model=resnet18")
         metrics = train_module.train(p)
         out = capsys.readouterr().out
         assert ("streaming the training set" in out) == (budget != "auto"), out

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from train_helpers import full_params
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.commands.lrfind import range_test
 from stages.core import paths
+from stages.params import yaml_text
 
 
 def test_range_test_suggests_a_rate_inside_its_range_and_stops_on_divergence():
@@ -44,9 +46,8 @@ def test_lr_find_command_writes_plot_and_logs_a_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     fabricate.processed(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "model: logreg\ntrain:\n  crop_size: 12\n  batch_size: 8\n"
-    )
+    partial = {"train": {"crop_size": 12, "batch_size": 8}}
+    (tmp_path / "params.yaml").write_text(yaml_text(full_params(partial, "model=logreg")))
     result = CliRunner().invoke(app, ["lr-find", "--steps", "12", "--start", "1e-3"])
     assert result.exit_code == 0, result.output
     suggested = float(re.search(r"suggested train.lr = (\S+) ", result.output).group(1))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from train_helpers import make_processed, write_params
+from train_helpers import make_processed, train_settings, write_params
 from typer.testing import CliRunner
 
 from stages import params
@@ -93,16 +93,8 @@ def test_the_checkpoint_report_logs_holds_only_the_inference_keys(run_dir):
     assert load_trained(Path(local), "cpu").classes == ["c0", "c1", "c2", "c3"]
 
 
-def test_an_interrupted_run_leaves_the_previous_outputs_and_keeps_its_history_in_last_pt(
-    run_dir, monkeypatch
-):
-    write_params(run_dir, epochs=1)
-    train_module.train(params.load("params.yaml"))
-    history_before = Path("out/train/history.csv").read_bytes()
-    model_before = Path("out/train/model.pt").read_bytes()
-    assert len(rows(Path("out/train/history.csv"))) == 1
-
-    # A new run (other params: it starts fresh) that dies in its second epoch.
+def poison(monkeypatch, step: int) -> None:
+    """Training's loss turns NaN at its `step`-th call (96 images / 16: 6 steps an epoch)."""
     calls = {"n": 0}
     real = train_module.make_loss
 
@@ -110,21 +102,77 @@ def test_an_interrupted_run_leaves_the_previous_outputs_and_keeps_its_history_in
         loss = real(name, smoothing)
 
         def fn(logits, labels):
-            calls["n"] += 1  # 96 images / 16 = 6 steps an epoch: the 8th is epoch 2, step 2
+            calls["n"] += 1
             value = loss(logits, labels)
-            return value * float("nan") if calls["n"] == 8 else value
+            return value * float("nan") if calls["n"] == step else value
 
         return fn
 
     monkeypatch.setattr(train_module, "make_loss", poisoned)
+
+
+def test_an_interrupted_run_leaves_the_previous_model_and_keeps_its_history_in_last_pt(
+    run_dir, monkeypatch
+):
+    """model.pt stays the previous run's; history.csv holds the new run's finished epochs,
+    exactly the history last.pt resumes with."""
+    write_params(run_dir, epochs=1)
+    train_module.train(params.load("params.yaml"))
+    model_before = Path("out/train/model.pt").read_bytes()
+    assert len(rows(Path("out/train/history.csv"))) == 1
+
+    # A new run (other params: it starts fresh) that dies in its second epoch.
+    poison(monkeypatch, 8)  # epoch 2, step 2
     with pytest.raises(TrainingError, match="at epoch 2, step 2/6"):
         train_module.train(params.load("params.yaml", ["train.epochs=3", "train.lr=0.02"]))
-    assert Path("out/train/history.csv").read_bytes() == history_before
     assert Path("out/train/model.pt").read_bytes() == model_before
     last = checkpoint.load(Path("out/train/last.pt"), require=INFERENCE_KEYS + RESUME_KEYS)
     assert last["params"]["train"]["epochs"] == 3 and not last["complete"]
     assert [row["epoch"] for row in last["history"]] == [1]
     assert last["history"][0]["lr"] == pytest.approx(0.02)
+    assert rows(Path("out/train/history.csv")) == [
+        {k: float(v) for k, v in row.items()} for row in last["history"]
+    ]
+
+
+def test_history_csv_grows_every_epoch_and_ends_as_the_stages_file(run_dir, monkeypatch):
+    """What `dvc plots show` finds while training runs: history.csv holds every finished epoch
+    (none before the first). A run that stops, with history.csv deleted as `dvc repro` deletes
+    its outputs, finds its rows back when it resumes; after the last epoch the file is, byte
+    for byte, the one the stage ends with, each row as written when its epoch ended."""
+    write_params(run_dir, epochs=4)
+    history = Path("out/train/history.csv")
+    seen: list[bytes | None] = []  # the file as each epoch starts, and as the stage finishes
+    real_epoch, real_finish = train_module.run_epoch, train_module._finish
+
+    def epoch(*args, **kwargs):
+        seen.append(history.read_bytes() if history.exists() else None)
+        return real_epoch(*args, **kwargs)
+
+    def finish(*args, **kwargs):
+        seen.append(history.read_bytes())
+        real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", epoch)
+    monkeypatch.setattr(train_module, "_finish", finish)
+    poison(monkeypatch, 14)  # epoch 3, step 2: epochs 1 and 2 are done
+    with pytest.raises(TrainingError, match="at epoch 3"):
+        train_module.train(params.load("params.yaml"))
+    stopped = history.read_bytes()
+    assert seen[0] is None and len(rows(history)) == 2
+    assert seen[1].splitlines() == stopped.splitlines()[:2]  # header + epoch 1
+
+    history.unlink()  # `dvc repro` deletes a stage's outputs before running it
+    seen.clear()
+    monkeypatch.setattr(train_module, "make_loss", make_loss)  # the real one again
+    train_module.train(params.load("params.yaml"))  # resumes at epoch 3
+    final = history.read_bytes()
+    assert seen[0] == stopped  # back at once, from last.pt
+    assert seen[-1] == final  # after the last epoch: the stage's file, byte for byte
+    assert [len(part.splitlines()) - 1 for part in seen] == [2, 3, 4]
+    lines = final.splitlines()
+    assert all(part.splitlines() == lines[: len(part.splitlines())] for part in seen)
+    assert [r["epoch"] for r in rows(history)] == [1, 2, 3, 4]
 
 
 def _run_state(seed: int, settings: TrainParams) -> RunState:
@@ -143,7 +191,7 @@ def _run_state(seed: int, settings: TrainParams) -> RunState:
 
 
 def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
-    t = TrainParams(epochs=2, batch_size=8, crop_size=12, lr=0.1, warmup_epochs=0,
+    t = train_settings(epochs=2, batch_size=8, crop_size=12, lr=0.1, warmup_epochs=0,
                     schedule="plateau", plateau_patience=1)  # fmt: skip
     gen = np.random.default_rng(0)
     images = torch.from_numpy(gen.integers(0, 255, (32, 16, 16, 3), dtype=np.uint8))

@@ -64,9 +64,12 @@ def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):
     done = partial["epoch"]
     assert done < 3, "the run finished before it could be killed"
     assert not (killed / "out/train/model.pt").exists()
-    # history.csv (a DVC output) is written with model.pt; the killed run's rows are in last.pt.
-    assert not (killed / "out/train/history.csv").exists()
     assert [row["epoch"] for row in partial["history"]] == list(range(1, done + 1))
+    # history.csv follows last.pt (written after it): the epochs it holds, or one fewer when
+    # the kill fell between the two writes; never an epoch last.pt lacks.
+    if (killed / "out/train/history.csv").exists():
+        assert [r["epoch"] for r in history(killed)] in (list(range(1, done + 1)),
+                                                         list(range(1, done)))  # fmt: skip
 
     again = subprocess.run(cmd, cwd=killed, env=env(killed), capture_output=True, text=True,
                            timeout=300)  # fmt: skip
@@ -146,6 +149,6 @@ def test_torchrun_two_gloo_processes_one_run_one_checkpoint(tmp_path):
     assert out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
     assert runs(root) == 1
     files = sorted(p.name for p in (root / "out/train").iterdir())
-    assert files == ["best.pt", "history.csv", "last.pt", "model.pt", "params.json"]
+    assert files == ["best.pt", "history.csv", "last.pt", "model.pt"]
     rows = history(root)
     assert len(rows) == 2 and 0 <= rows[-1]["val_top1"] <= 1

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from train_helpers import train_settings
 
 from stages.data.augment import augment
 from stages.engine.device import resolve_speed
@@ -45,24 +46,24 @@ def rates(t: TrainParams, steps_per_epoch: int) -> list[float]:
 
 
 def test_step_schedule_divides_by_ten_every_step_epochs():
-    t = TrainParams(epochs=6, schedule="step", step_epochs=2, warmup_epochs=0)
+    t = train_settings(epochs=6, schedule="step", step_epochs=2, warmup_epochs=0)
     assert rates(t, 2) == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
 
 
 def test_cosine_with_linear_warmup():
-    t = TrainParams(epochs=3, schedule="cosine", warmup_epochs=1)
+    t = train_settings(epochs=3, schedule="cosine", warmup_epochs=1)
     r = rates(t, 2)  # warm-up (1/2, 2/2), then cosine over the 4 remaining steps
     expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
     assert r == pytest.approx(expected)
 
 
 def test_onecycle_rises_then_falls_linearly():
-    t = TrainParams(epochs=3, schedule="onecycle", warmup_epochs=1)
+    t = train_settings(epochs=3, schedule="onecycle", warmup_epochs=1)
     assert rates(t, 2) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
 
 
 def test_plateau_cuts_after_patience_and_is_checkpointable():
-    t = TrainParams(lr=1.0, schedule="plateau", plateau_patience=2, plateau_factor=0.1,
+    t = train_settings(lr=1.0, schedule="plateau", plateau_patience=2, plateau_factor=0.1,
                     warmup_epochs=0)  # fmt: skip
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = Schedule(opt, t, steps_per_epoch=1)

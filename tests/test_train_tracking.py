@@ -9,16 +9,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
-import yaml
+from PIL import Image
 from train_helpers import make_processed, write_params
 
 from stages import params
 from stages import train as train_module
+from stages.commands.predict import predict
 from stages.core import runlog, tracking
 from stages.data.writer import digest
-from stages.engine.model import from_checkpoint
-from stages.params import MODEL_TUNED
+from stages.engine import serving
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,17 +50,13 @@ def test_skipped_images_from_preprocess_are_a_metric_of_the_run(store, monkeypat
 
 def test_run_is_named_tagged_and_logs_only_what_it_used(store, monkeypatch):
     """The experiment says it is model training; the run is named dataset/model/DVC experiment;
-    only the selected model's options are params; no metric is a constant 0; both splits are
-    dataset inputs with their digests; system metrics were sampled once per epoch."""
-    p = yaml.safe_load((store / "params.yaml").read_text())
-    p["nets"]["alexnet"] = {"activation": "prelu"}  # another model's options: not logged
-    (store / "params.yaml").write_text(yaml.safe_dump(p))
+    its params are params.yaml's values as used, the model's options as `net.*`; no metric is
+    a constant 0; both splits are dataset inputs with their digests; system metrics were
+    sampled once per epoch."""
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-pogo")
     monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
     p = params.load("params.yaml")
     train_module.train(p)
-    used = json.loads((store / "out" / "train" / "params.json").read_text())  # DVC metrics
-    assert used == {k: getattr(p.train, k) for k in MODEL_TUNED} and used["lr"] == 0.05
 
     experiment = mlflow.get_experiment_by_name("convnet-pipeline")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -68,8 +65,8 @@ def test_run_is_named_tagged_and_logs_only_what_it_used(store, monkeypatch):
     assert run.info.run_name == "digits/mlp/lucid-pogo"
     assert run.data.tags["mlflow.source.name"] == "stages/train.py"
     assert run.data.tags["dvc_exp_name"] == "lucid-pogo"
-    assert run.data.params["nets.mlp.hidden"] == "32"
-    assert not [k for k in run.data.params if k.startswith("nets.alexnet")]
+    assert run.data.params["net.hidden"] == "32" and run.data.params["train.lr"] == "0.05"
+    assert run.data.params.keys() == p.tracked().keys()
     assert "data_skipped_images" not in run.data.metrics
     cpu = mlflow.MlflowClient().get_metric_history(
         run.info.run_id, "system/cpu_utilization_percentage"
@@ -98,7 +95,9 @@ def test_digest_changes_with_any_pixel_or_label():
     assert digest(images, labels) == base
 
 
-def test_logged_model_is_named_registered_and_knows_its_classes(store):
+def test_logged_model_is_named_registered_and_answers_for_image_files(store, capsys):
+    """The run's model `digits-mlp`, registered: it takes image files and gives predict's top-k
+    class names; the training's output says how to serve it."""
     train_module.train(params.load("params.yaml", ["train.register_model=true", "train.epochs=1"]))
     run = _only_run()
     [model] = mlflow.search_logged_models(
@@ -107,12 +106,22 @@ def test_logged_model_is_named_registered_and_knows_its_classes(store):
     assert model.name == "digits-mlp"
     info = mlflow.models.get_model_info(f"models:/{model.model_id}")
     assert info.metadata["classes"] == ["c0", "c1", "c2", "c3"]
-    assert "(batch, 3, 12, 12)" in info.metadata["input"]
+    assert "column `image`" in info.metadata["input"]
     version = mlflow.MlflowClient().get_latest_versions("convnet-digits-mlp")[0]
     assert version.run_id == run.info.run_id
-    loaded = mlflow.pyfunc.load_model(f"models:/convnet-digits-mlp/{version.version}")
-    logits = loaded.predict(np.zeros((3, 3, 12, 12), np.float32))
-    assert logits.shape == (3, 4)
+    uri = f"models:/convnet-digits-mlp/{version.version}"
+    assert f"serve it with `mlflow models serve -m {uri} --env-manager local`" in (
+        capsys.readouterr().out
+    )
+    images = np.load(store / "out/processed/val_images.npy")[:3]  # (3, 16, 16, 3)
+    files = []
+    for i, pixels in enumerate(images):
+        files.append(store / f"{i}.png")
+        Image.fromarray(pixels).save(files[-1])
+    answer = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": map(str, files)}))
+    expected = predict(files, store / "out/train/model.pt", top=5, crops=10, device="cpu")
+    assert answer["classes"].tolist() == [[name for name, _ in e.top] for e in expected]
+    assert len(answer.loc[0, "classes"]) == 4  # top 5 of 4 classes: all of them
 
 
 def test_experiment_made_before_the_tags_gets_them(store):
@@ -206,7 +215,7 @@ def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypat
     assert pending.with_suffix(".model.pt").exists()
     (store / "out/train/model.pt").unlink()  # e.g. replaced by another training meanwhile
 
-    [line] = runlog.log_pending(from_checkpoint)
+    [line] = runlog.log_pending(serving.package)
     assert line.endswith("history.csv, mean.png, the model and its end (FINISHED)")
     assert not (store / "out/train/mlflow-pending").exists()
     run = _only_run()

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
+
+from stages.params import Params, TrainParams, compose, from_dict, yaml_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_processed(
@@ -55,12 +58,42 @@ def setup(root: Path, n_train: int = 480, **train) -> None:
     write_params(root, **train)
 
 
-def write_params(root: Path, **train) -> Path:
-    """A params.yaml for tiny CPU runs: mlp on 12 px crops, overrides in `train`."""
+def write_params(root: Path, model: str = "mlp", **train) -> Path:
+    """A params.yaml for tiny CPU runs, composed from conf/ as `dvc exp run -S model=...` would
+    compose it, then shrunk: 2 epochs on 12 px crops (an mlp of 32 units), overrides in `train`."""
     base = {"epochs": 2, "batch_size": 16, "crop_size": 12, "lr": 0.05, "warmup_epochs": 0,
             "device": "cpu"}  # fmt: skip
-    params = {"seed": 0, "model": "mlp", "nets": {"mlp": {"hidden": 32}}, "train": base | train,
-              "evaluate": {"batch_size": 32}}  # fmt: skip
+    params = compose(REPO / "conf", [f"model={model}"])
+    if model == "mlp":
+        params["net"]["hidden"] = 32
+    params["train"] |= base | train
+    params["evaluate"]["batch_size"] = 32
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml_text(params))
     return path
+
+
+def train_settings(**values) -> TrainParams:
+    """conf/'s train section (what a fresh clone's `dvc repro` trains with), `values` changed."""
+    return TrainParams(**compose(REPO / "conf")["train"] | values)
+
+
+def full_params(partial: dict | None = None, *overrides: str) -> dict:
+    """params.yaml as conf/ composes it with `overrides` (`dvc exp run -S` syntax), then the
+    values of `partial` (nested sections) put in."""
+
+    def merge(into: dict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    data = compose(REPO / "conf", list(overrides))
+    merge(data, partial or {})
+    return data
+
+
+def params_from(partial: dict | None = None, *overrides: str) -> Params:
+    """Validated Params of `full_params(partial, *overrides)`."""
+    return from_dict(full_params(partial, *overrides))

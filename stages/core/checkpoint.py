@@ -41,7 +41,7 @@ class Inference:
     """
 
     net: str  # the nets registry's name (params.yaml's `model`)
-    net_options: dict[str, Any]  # nets.<model> options the network was built with
+    net_options: dict[str, Any]  # the `net` options the network was built with
     num_classes: int
     image_size: int  # the side of the crops the network takes (train.crop_size)
     stored_size: int  # the side of the processed images the crops are cut from

@@ -16,7 +16,6 @@ PREDICTIONS = EVALUATE / "predictions.csv"  # evaluate: (actual, predicted) per 
 
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"
-TRAIN_PARAMS = TRAIN / "params.json"  # the model-dependent train params as used (DVC metrics)
 REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, confused pairs
 LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate
 LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)

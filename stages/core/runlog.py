@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -36,13 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from matplotlib.figure import Figure
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context import registry as context_registry
-from torch import nn
 
 from stages.core import checkpoint, paths
 from stages.core.errors import Interrupted, PipelineError, held
@@ -62,7 +60,9 @@ WRITER = "mlflow-writer"  # the thread's name
 # Errors a retry cannot fix (a value the store rejects, a run deleted meanwhile): the record
 # is dropped with a line saying so, instead of blocking the ones after it.
 REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
-Build = Callable[[dict[str, Any]], nn.Module]  # a checkpoint's network, with its weights
+# What `RunLog.model` logs, made by stages.engine.serving.package (core imports no engine):
+# checkpoint file, its content -> the keyword arguments of `mlflow.models.Model.log`.
+Package = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
 class _Quiet(logging.Filter):
@@ -117,12 +117,12 @@ def _epochs(steps: list[int]) -> str:
 class RunLog:
     """The writes to MLflow run `run_id` of store `uri`, in order, by a background thread.
 
-    Records the run left in its pending file earlier are written first. `build` turns a
-    checkpoint into its network, for `model`.
+    Records the run left in its pending file earlier are written first. `package` turns a
+    checkpoint into the MLflow model that `model` logs.
     """
 
-    def __init__(self, uri: str, run_id: str, build: Build) -> None:
-        self.uri, self.run_id, self.build = uri, run_id, build
+    def __init__(self, uri: str, run_id: str, package: Package) -> None:
+        self.uri, self.run_id, self.package = uri, run_id, package
         self.client = mlflow.MlflowClient(uri)
         self.file = pending_folder() / f"{run_id}.json"
         self.model_copy = self.file.with_suffix(".model.pt")  # model.pt, if its log waits
@@ -172,7 +172,7 @@ class RunLog:
         self._file(name, buffer.getvalue(), folder or None, what=f"the {folder or name}", step=step)
 
     def model(self, file: Path, dataset: str, model: str, register: bool) -> None:
-        """The network of checkpoint `file` as the run's MLflow model `<dataset>-<model>`."""
+        """Checkpoint `file` as the run's MLflow model `<dataset>-<model>` (see `package`)."""
         data = {"checkpoint": str(file.resolve()), "dataset": dataset, "model": model,
                 "register": register}  # fmt: skip
         self._add(Record("the model", "model", data))
@@ -263,7 +263,7 @@ class RunLog:
             state = checkpoint.load(file)
             if state["mlflow_run_id"] != run_id:
                 raise PipelineError(f"{file} now holds run {state['mlflow_run_id']}")
-            _log_model(self, state, data)
+            _log_model(self, file, state, data)
         elif record.kind == "end":
             client.set_terminated(run_id, data["status"], end_time=data["time"])
         else:
@@ -361,36 +361,32 @@ def _refused(err: Exception) -> bool:
     )
 
 
-def _log_model(log: RunLog, state: dict[str, Any], data: dict[str, Any]) -> None:
-    """The checkpoint's network as an MLflow model of the run, named `<dataset>-<model>`
-    (registered as `convnet-<dataset>-<model>` with train.register_model), its classes in
-    the metadata."""
+def _log_model(log: RunLog, file: Path, state: dict[str, Any], data: dict[str, Any]) -> None:
+    """Checkpoint `file` (holding `state`) as an MLflow model of the run, named
+    `<dataset>-<model>` (registered as `convnet-<dataset>-<model>` with train.register_model);
+    one line says how to serve it."""
     run = log.client.get_run(log.run_id)
     # The model goes to the active experiment and tracking URI, which are global in MLflow.
     mlflow.set_tracking_uri(log.uri)
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
-    model = log.build(state).eval()  # on the CPU, contiguous
-    size, classes = state["image_size"], state["classes"]
-    # Batch of 2: torch.export fixes a size-1 dimension, and the model must take any batch size.
-    example = np.zeros((2, 3, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = mlflow.models.infer_signature(example, output)
-    # Naming the requirements skips MLflow's inference of them (a subprocess: ~10 s a run).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    metadata = {
-        "classes": classes,
-        "input": f"float32 (batch, 3, {size}, {size}): RGB in [0, 1], channels first",
-        "output": f"float32 (batch, {len(classes)}): logits, in the order of `classes`",
-        "dataset": data["dataset"],
-        "model": data["model"],
-    }
     name = f"{data['dataset']}-{data['model']}"
-    mlflow.pytorch.log_model(
-        model, name=name, input_example=example, signature=signature,
-        pip_requirements=requirements, metadata=metadata, run_id=log.run_id,
-        registered_model_name=f"convnet-{name}" if data["register"] else None,
+    registered = f"convnet-{name}" if data["register"] else None
+    content = log.package(file, state)
+    content["metadata"] = content.get("metadata", {}) | {
+        "dataset": data["dataset"], "model": data["model"]
+    }  # fmt: skip
+    # Model.log: mlflow.pyfunc.log_model with a run id (it logs to the active run only).
+    info = mlflow.models.Model.log(
+        artifact_path=None, name=name, run_id=log.run_id, registered_model_name=registered,
+        **content,
     )  # fmt: skip
+    version = info.registered_model_version
+    uri = f"models:/{registered}/{version}" if registered and version else info.model_uri
+    # MLflow's own default store is ./mlflow.db: from the repository root the URI is enough.
+    here = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    store = "" if log.uri == here else f"MLFLOW_TRACKING_URI={shlex.quote(log.uri)} "
+    print(f"MLflow: model {name} logged as {uri}; serve it with"
+          f" `{store}mlflow models serve -m {uri} --env-manager local`", flush=True)  # fmt: skip
 
 
 def pending_folder() -> Path:
@@ -533,7 +529,7 @@ def save_pending(file: Path, uri: str, records: list[Record]) -> None:
         tmp.write_text(json.dumps({"uri": uri, "records": [asdict(r) for r in records]}))
 
 
-def log_pending(build: Build, say: Callable[[str], None] = _say) -> list[str]:
+def log_pending(package: Package, say: Callable[[str], None] = _say) -> list[str]:
     """Write what earlier trainings left in out/train/mlflow-pending/ to their runs (the command
     `convnet log-pending`); returns a line per run. What can never be logged is set aside (see
     SET_ASIDE), said through `say`. TrackingError if a store still fails; BusyError while
@@ -553,7 +549,7 @@ def log_pending(build: Build, say: Callable[[str], None] = _say) -> list[str]:
             if not known:
                 _set_file_aside(file, f"run {file.stem} is not in the store {uri}", say)
                 continue
-            log = RunLog(uri, file.stem, build)
+            log = RunLog(uri, file.stem, package)
             if rest := log.close():
                 raise TrackingError(
                     f"MLflow store {uri}: {log.failure or 'no answer yet'}; run {file.stem} still"
@@ -566,7 +562,7 @@ def log_pending(build: Build, say: Callable[[str], None] = _say) -> list[str]:
 
 @contextlib.contextmanager
 def training_run(
-    build: Build, run_id: str | None = None, run_name: str | None = None,
+    package: Package, run_id: str | None = None, run_name: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> Iterator[RunLog]:  # fmt: skip
     """Start a run (or reopen `run_id`) and yield its log; it ends FINISHED, or FAILED on any
@@ -574,7 +570,7 @@ def training_run(
     experiment_id, uri = setup(), tracking_uri()
     if any(pending_folder().glob("*.json")):
         try:
-            print("\n".join(log_pending(build)))
+            print("\n".join(log_pending(package)))
         except PipelineError as err:  # an earlier run's store, or its folder: training goes on
             print(err)
     client, log = mlflow.MlflowClient(uri), None
@@ -582,7 +578,7 @@ def training_run(
         with held():  # an interrupt held here is raised inside `try`: the run ends FAILED
             with answering(uri):
                 run_id = _start(client, experiment_id, run_id, run_name, tags or {})
-            log = RunLog(uri, run_id, build)
+            log = RunLog(uri, run_id, package)
         yield log
     except BaseException:
         if log is not None:

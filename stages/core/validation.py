@@ -59,6 +59,8 @@ def params_error(err: ValidationError, model: type[BaseModel], prefix: str = "")
 
 def _message(error: Any, parent: type[BaseModel] | None, field: FieldInfo | None) -> str:
     kind, got = error["type"], f", got {_short(error['input'])}"
+    if kind == "missing":  # params.yaml is composed with every key: this one was taken out
+        return "missing; params.yaml sets every key (`convnet compose` writes it from conf/)"
     if kind == "extra_forbidden" and parent is not None:
         return f"unknown key; valid keys: {', '.join(sorted(parent.model_fields)) or '(none)'}"
     if kind == "literal_error" and field is not None:

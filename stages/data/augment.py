@@ -44,13 +44,14 @@ def crop_flip(
     down = steps if vflip is None else torch.where(vflip[:, None], size - 1 - steps, steps)
     rows = top[:, None] + down  # (B, S)
     cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # (B, S)
-    first = torch.arange(len(top), device=dev) if index is None else index  # (B,)
+    # top.shape[0], not len(top): len() is a Python int, which torch.export would freeze.
+    first = torch.arange(top.shape[0], device=dev) if index is None else index  # (B,)
     # One index_select of 3-byte pixels by flat index, straight from the whole dataset: ~8x
     # faster on the CPU than the three-tensor advanced index images[batch, rows, cols], and no
     # intermediate copy of the batch's full images.
     flat = (first[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (B, S, S)
     pixels = images.reshape(-1, 3).index_select(0, flat.view(-1))  # (B*S*S, 3)
-    return to_float(pixels.view(len(top), size, size, 3))
+    return to_float(pixels.view(top.shape[0], size, size, 3))
 
 
 class Draws:
@@ -270,6 +271,8 @@ def ten_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     tops = torch.tensor([0, 0, h - size, h - size, (h - size) // 2] * 2, device=dev)  # (10,)
     lefts = torch.tensor([0, w - size, 0, w - size, (w - size) // 2] * 2, device=dev)
     mirror = torch.arange(10, device=dev) >= 5  # (10,)
-    index = torch.arange(b, device=dev).repeat_interleave(10)  # (B*10,)
+    # 0 ten times, 1 ten times, ...: expand keeps B*10 a known size (repeat_interleave's is
+    # data-dependent), so torch.export and ONNX export keep the batch dimension dynamic.
+    index = torch.arange(b, device=dev)[:, None].expand(b, 10).reshape(-1)  # (B*10,)
     views = crop_flip(images, tops.repeat(b), lefts.repeat(b), mirror.repeat(b), size, None, index)
     return views.view(b, 10, 3, size, size)

@@ -3,7 +3,9 @@ files into packed uint8 blocks, in parallel over the available cores.
 
 `read_image` is how an image file of any size and mode becomes a stored-size array: preprocess
 uses it for your own image folders (`decode_blocks(..., fit=True)`), `predict` and `submit` for
-the files they classify, so the model sees the same pixels in training and afterwards.
+the files they classify, and the served MLflow model for files sent as bytes (`decode_image`,
+the same steps from the file's bytes), so the model sees the same pixels in training and
+afterwards.
 
 decode_blocks is how preprocess decodes many files (Tiny ImageNet's 120,000 JPEGs, your own image
 folders): worker processes each decode a chunk of files and send back one (n, size, size, 3)
@@ -182,6 +184,11 @@ def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
         raise ImageFileError(path, "is a directory, not an image") from None
     except OSError as err:
         raise ImageFileError(path, f"cannot be read ({err.strerror or err})") from None
+    return _decode_data(data, path, size, fit)
+
+
+def _decode_data(data: bytes, path: str | Path, size: int, fit: bool) -> np.ndarray:
+    """A file's bytes -> (size, size, 3) uint8; `path` names it in the ImageFileError."""
     try:
         with warnings.catch_warnings():
             # Pillow warns of sizes past MAX_PIXELS when it reads a header (a frame's too); a big
@@ -212,6 +219,13 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     bound or one PIL cannot decode raises ImageFileError with a one-line message naming the path.
     """
     return _decode(path, size, fit=True)
+
+
+def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """An image file's bytes (JPEG, PNG, ... as uploaded) as (size, size, 3) uint8: exactly what
+    `read_image` makes of the same file, for callers that hold the bytes, not a path (the
+    served MLflow model). ImageFileError names the image by `name`."""
+    return _decode_data(bytes(data), name, size, fit=True)
 
 
 def _fast_jpegs(files: Sequence[str], size: int) -> np.ndarray | None:

@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
 from stages.data.augment import center_crop, ten_crop
 from stages.engine.device import Speed, has_conv
+
+
+class Probabilities(nn.Module):
+    """`model` as evaluation runs it, in one traceable module (also what torch.export and ONNX
+    files hold): uint8 images (B, H, W, 3) -> class probabilities (B, K), from the centre crop
+    (crops=1) or the softmax averaged over 10 crops: 4 corners + centre and their mirrors.
+    `mirror=False` (a model trained without flips: its mirrored views are images it never
+    learned, digits that are other glyphs) leaves the mirrors out: 5 crops. `inputs` puts a
+    batch of crops in the model's memory format."""
+
+    def __init__(
+        self, model: nn.Module, size: int, crops: int = 1, mirror: bool = True,
+        inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if crops not in (1, 10):
+            raise ValueError(f"crops must be 1 or 10, got {crops}")
+        self.model, self.size, self.crops = model, size, crops
+        self.views = 1 if crops == 1 else 10 if mirror else 5
+        self.inputs = inputs or (lambda x: x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.crops == 1:
+            x = center_crop(images, self.size)  # (B, 3, S, S)
+        else:
+            x = ten_crop(images, self.size)[:, : self.views].flatten(0, 1)  # (B*V, 3, S, S)
+        probs = self.model(self.inputs(x)).float().softmax(-1)  # (B*V, K)
+        return probs.unflatten(0, (-1, self.views)).mean(1)  # (B, K)
 
 
 @torch.inference_mode()
@@ -19,17 +49,14 @@ def predict_proba(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     speed: Speed | None = None,
+    mirror: bool = True,
 ) -> torch.Tensor:
-    """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3).
-
-    crops=1: the centre crop. crops=10: 4 corners + centre and their mirrors, softmax averaged;
-    all ten crops of a batch go through the model as one (B*10, 3, S, S) batch. `speed` sets the
+    """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3), a batch at a time
+    (all crops of a batch through the model at once): see `Probabilities`. `speed` sets the
     precision and memory format (those of training); default fp32, channels-last for conv nets.
     """
     speed = speed or Speed(torch.device(device), channels_last=has_conv(model))
-    device = speed.device
-    if crops not in (1, 10):
-        raise ValueError(f"crops must be 1 or 10, got {crops}")
+    net = Probabilities(model, size, crops, mirror, speed.inputs)
     was_training = model.training
     model.eval()
     out = []
@@ -37,15 +64,8 @@ def predict_proba(
         chunk = images[start : start + batch_size]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.array(chunk))  # a writable copy of a memory-map slice
-        chunk = chunk.to(device)  # (B, H, W, 3) uint8
         with speed.autocast():
-            if crops == 1:
-                probs = model(speed.inputs(center_crop(chunk, size))).float().softmax(-1)
-            else:
-                views = ten_crop(chunk, size).flatten(0, 1)  # (B*10, 3, S, S)
-                logits = model(speed.inputs(views)).float()  # (B*10, K)
-                probs = logits.softmax(-1).view(len(chunk), 10, -1).mean(1)  # (B, K)
-        out.append(probs.cpu())
+            out.append(net(chunk.to(speed.device)).cpu())  # (B, K)
     model.train(was_training)
     return torch.cat(out)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import nets
 from stages.core import checkpoint
-from stages.core.errors import ParamsError
+from stages.core.errors import ParamsError, PipelineError
 from stages.core.validation import params_error
 from stages.engine.device import Speed, has_conv, prepare, resolve_device, resolve_speed
 from stages.engine.inference import predict_proba
@@ -30,33 +30,63 @@ if TYPE_CHECKING:
 
 
 def check_model_params(p: Params) -> None:
-    """`model`, `nets.*` (names, and each option's type, range and choices, as declared by its
-    builder) and `train.init` against the registry; ParamsError names the key."""
+    """`model`, `net` (every option of the model, each one's type, range and choices, as its
+    builder declares them), the crop the model can take, and `train.init`, against the
+    registry; ParamsError names the key."""
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ParamsError(f"{key}: {message}")
 
     valid = nets.names()
-    check(p.model in valid, "model", f"must be one of: {', '.join(valid)}")
-    for name, opts in p.nets.items():
-        check(name in valid, f"nets.{name}", f"is not a model; models: {', '.join(valid)}")
-        options = nets.options_model(name)
-        try:
-            options.model_validate(opts)
-        except ValidationError as err:
-            raise params_error(err, options, prefix=f"nets.{name}.") from None
+    check(p.model in valid, "model", f"must be one of: {', '.join(valid)}, got {p.model!r}")
+    options = nets.options_model(p.model)
+    try:
+        options.model_validate(p.net)
+    except ValidationError as err:
+        raise params_error(err, options, prefix="net.") from None
+    for key in options.model_fields:
+        takes = ", ".join(options.model_fields)
+        check(key in p.net, f"net.{key}", f"missing; {p.model} takes {takes} (conf/model/"
+              f"{p.model}.yaml sets them all)")  # fmt: skip
+    smallest = smallest_input(p.model, p.net, p.train.crop_size)
+    check(smallest is None, "train.crop_size", f"is {p.train.crop_size} but {p.model} needs"
+          f" crops of at least {smallest} px")  # fmt: skip
     if p.train.init == "pretrained":
         check(p.model in PRETRAINED, "train.init", f"no pretrained weights for {p.model};"
               f" models with them: {', '.join(PRETRAINED)}")  # fmt: skip
 
 
+def smallest_input(name: str, options: dict[str, Any], size: int) -> int | None:
+    """None when model `name` takes `size` px inputs, else the smallest side it takes (found by
+    running it on the meta device: shapes only, no memory, no arithmetic)."""
+
+    def takes(side: int) -> bool:
+        with torch.device("meta"):
+            model = nets.build(name, 2, side, **options).eval()
+            try:
+                model(torch.empty(2, 3, side, side))
+            except RuntimeError:  # an output map of size 0, a pooling window larger than it
+                return False
+        return True
+
+    if takes(size):
+        return None
+    return next(side for side in range(size + 1, 1025) if takes(side))
+
+
 def build_model(p: Params, data: Processed) -> nn.Module:
     """params.yaml's model for the processed data: its classes, crop size and normalisation."""
     check_model_params(p)
+    if p.train.crop_size > data.image_size + 2 * p.train.pad:  # data made by other params
+        raise PipelineError(
+            f"train.crop_size is {p.train.crop_size} but the processed images are"
+            f" {data.image_size}x{data.image_size} (+{p.train.pad} padding): remake them for"
+            " these params with `dvc repro preprocess`, or lower train.crop_size"
+        )
     return nets.build(
         p.model, len(data.classes), p.train.crop_size,
-        mean=data.mean_tensor(), std=data.std_tensor(), **p.net_options,
+        mean=data.mean_tensor(), std=data.std_tensor(), **p.net,
     )  # fmt: skip
 
 
@@ -87,6 +117,12 @@ class Trained:
         return int(self.state["image_size"])
 
     @property
+    def mirrored(self) -> bool:
+        """Whether training flipped images (train.flip): then 10-crop testing averages the
+        mirrored views too. A checkpoint that does not say keeps the classic protocol."""
+        return bool(self.state["params"].get("train", {}).get("flip", True))
+
+    @property
     def stored_size(self) -> int:
         """The side of the processed images the crops were cut from."""
         return int(self.state["stored_size"])
@@ -94,10 +130,12 @@ class Trained:
     def predict(
         self, images: np.ndarray | torch.Tensor, crops: int = 1, batch_size: int = 256
     ) -> torch.Tensor:
-        """Class probabilities (N, K) on the CPU for uint8 images (N, stored, stored, 3)."""
+        """Class probabilities (N, K) on the CPU for uint8 images (N, stored, stored, 3); 10
+        crops leave the mirrored ones out for a model trained without flips."""
         return predict_proba(
-            self.model, images, self.crop_size, crops, batch_size, speed=self.speed
-        )
+            self.model, images, self.crop_size, crops, batch_size, speed=self.speed,
+            mirror=self.mirrored,
+        )  # fmt: skip
 
 
 def load_trained(path: Path, device: str | torch.device = "auto") -> Trained:

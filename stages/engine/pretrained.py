@@ -127,7 +127,7 @@ def initialise(model: nn.Module, p: Any) -> nn.Module:
     if init == "scratch":
         return model
     if init == "pretrained":
-        weights = PRETRAINED[p.model](p.net_options)
+        weights = PRETRAINED[p.model](p.net)
         state = torchvision_state(weights)
         if p.model == "alexnet":
             state = _rename_alexnet(state)

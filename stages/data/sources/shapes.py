@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.core import validation
-from stages.core.errors import PipelineError
+from stages.core.errors import ParamsError, PipelineError
 from stages.data.sources.base import Source, val_split
 
 if TYPE_CHECKING:
@@ -97,11 +96,12 @@ def check(p: Params) -> None:
     s, size = p.preprocess.shapes, p.preprocess.image_size
     area = s.max_count * 3.15 * (s.max_radius + 1) ** 2
     fits = area <= 0.5 * size**2 and 2 * s.max_radius + 2 < size
-    message = (
-        f"{s.max_count} circles of radius {s.max_radius} do not fit in {size}x{size} images;"
-        " lower max_count or max_radius, or raise preprocess.image_size"
-    )
-    validation.check(fits, message, "preprocess.shapes")
+    if not fits:
+        raise ParamsError(
+            f"preprocess.shapes: {s.max_count} circles of radius {s.max_radius} do not fit in"
+            f" {size}x{size} images; lower max_count or max_radius, or raise"
+            " preprocess.image_size"
+        )
 
 
 SOURCE = Source(

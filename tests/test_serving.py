@@ -1,0 +1,239 @@
+"""The MLflow model a training logs: image files in, `convnet predict`'s answer out, in Python and
+through `mlflow models serve` over loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import fabricate
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.types import DataType
+from PIL import Image
+from train_helpers import make_processed, write_params
+
+from stages import params
+from stages import train as train_module
+from stages.commands.predict import predict
+from stages.core import checkpoint
+from stages.data.images import ImageFileError, decode_image, read_image
+from stages.engine import serving
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def logged(tmp_path, monkeypatch) -> tuple[mlflow.pyfunc.PyFuncModel, Path, str]:
+    """The fabricated alexnet checkpoint logged as the pyfunc a training logs: the model loaded
+    back, the checkpoint, the model's URI."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    ckpt = tmp_path / "model.pt"
+    fabricate.save_checkpoint(ckpt, fabricate.model())
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    # An explicit artifact location: a sqlite store's default is ./mlruns of the current folder.
+    experiment = client.create_experiment("serving", (tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    # MLflow puts a logged model in the active experiment (as stages.core.runlog does).
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment(experiment_id=experiment)
+    info = mlflow.models.Model.log(
+        artifact_path=None, name="digits-alexnet", run_id=run.info.run_id,
+        **serving.package(ckpt, checkpoint.load(ckpt)),
+    )  # fmt: skip
+    return mlflow.pyfunc.load_model(info.model_uri), ckpt, info.model_uri
+
+
+def test_paths_bytes_and_base64_give_predicts_answer(logged, tmp_path):
+    """A PNG path, a grey JPEG's bytes and base64 of a wide PNG: per image the top-k names and
+    probabilities `convnet predict` gives for the same files (read by the same reader)."""
+    model, ckpt, _ = logged
+    rng = np.random.default_rng(0)
+    x, _ = fabricate.images(1, 3)
+    (tmp_path / "a.png").write_bytes(png(x[0]))
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L").save(tmp_path / "b.jpg")
+    (tmp_path / "c.png").write_bytes(png(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)))
+    files = [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"]
+    values = [str(files[0]), files[1].read_bytes(), base64.b64encode(files[2].read_bytes())]
+    for top, crops in ((5, 10), (2, 1)):
+        got = model.predict(pd.DataFrame({"image": values}), params={"top": top, "crops": crops})
+        expected = predict(files, ckpt, top=top, crops=crops, device="cpu")
+        assert list(got.columns) == ["classes", "probabilities"] and len(got) == 3
+        for (_, row), want in zip(got.iterrows(), expected, strict=True):
+            assert row["classes"] == [name for name, _ in want.top]
+            assert row["probabilities"] == pytest.approx([p for _, p in want.top], abs=1e-6)
+    assert len(got.loc[0, "classes"]) == 2  # top=2 of 4 classes
+
+
+def test_bytes_are_read_exactly_as_the_file_is(tmp_path):
+    """decode_image (what the served model reads) gives read_image's pixels (predict's) for the
+    modes that need care: transparency, palette, 16-bit grey, EXIF rotation, a big JPEG."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "palette.gif")
+    wide = rng.integers(0, 65535, (24, 24), dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    photo = Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    photo.save(tmp_path / "rotated.jpg", exif=exif)  # draft mode decodes it at 1/4 scale
+    for path in sorted(tmp_path.iterdir()):
+        np.testing.assert_array_equal(
+            decode_image(path.read_bytes(), 32), read_image(path, 32), err_msg=path.name
+        )
+    with pytest.raises(ImageFileError, match=r"^upload: not an image file PIL can read$"):
+        decode_image(b"<html>", 32, name="upload")
+
+
+def test_signature_example_and_metadata_say_how_to_call_it(logged):
+    model, _, uri = logged
+    meta = model.metadata
+    assert meta.get_input_schema().input_names() == ["image"]
+    assert meta.get_input_schema().input_types() == [DataType.binary]
+    assert meta.get_output_schema().input_names() == ["classes", "probabilities"]
+    assert {p.name: p.default for p in meta.get_params_schema().params} == {"top": 5, "crops": 10}
+    assert meta.metadata["classes"] == fabricate.CLASSES
+    # The example a client copies: a PNG of the stored size (the mean image), base64 in JSON.
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    example = json.loads((folder / "serving_input_example.json").read_text())
+    [[encoded]] = example["dataframe_split"]["data"]
+    pixels = np.array(Image.open(io.BytesIO(base64.b64decode(encoded))))
+    assert pixels.shape == (fabricate.SIZE, fabricate.SIZE, 3)
+    assert (folder / "artifacts" / "model.pt").is_file()  # the checkpoint travels with it
+
+
+def test_a_bad_image_or_param_is_one_line_naming_it(logged, tmp_path):
+    model, _, _ = logged
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = png(fabricate.images(1, 3)[0][0])
+    cases = [
+        ({"image": [good, b"\x89PNG\r\n\x1a\n broken"]}, {}, "image 1: "),
+        ({"image": [str(tmp_path / "notes.txt")]}, {}, "notes.txt): not an image file PIL can"),
+        ({"image": [str(tmp_path / "gone.png")]}, {}, "gone.png): no such file"),
+        ({"image": [good]}, {"crops": 3}, "param 'crops' must be 1 or 10, got 3"),
+        ({"image": [good]}, {"top": 0}, "param 'top' must be a positive integer, got 0"),
+    ]
+    for data, extra, message in cases:
+        with pytest.raises(MlflowException) as info:
+            model.predict(pd.DataFrame(data), params=extra)
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert message in info.value.message and "\n" not in info.value.message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(uri: str, store: str, cwd: Path) -> Iterator[str]:
+    """`mlflow models serve -m uri --env-manager local` on 127.0.0.1 (its own process group,
+    stopped whole); yields the invocations URL once /ping answers."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONPATH=str(REPO))
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    log = open(cwd / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
+    proc = subprocess.Popen(
+        [str(exe), "models", "serve", "-m", uri, "--env-manager", "local", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                alive = proc.poll() is None and time.monotonic() < deadline
+                assert alive, (cwd / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/invocations"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_the_registered_model_served_over_http_answers_as_predict(tmp_path, monkeypatch):
+    """A training registers its model; `mlflow models serve` answers a PNG (base64 in JSON) with
+    the class names and probabilities `convnet predict` gives for the file; a corrupt file is a
+    400 with one line naming it, no traceback; the server never opens a path it is sent."""
+    make_processed(tmp_path, size=16)
+    write_params(tmp_path, epochs=1, register_model=True)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    train_module.train(params.load("params.yaml"))
+    version = mlflow.MlflowClient(store).get_latest_versions("convnet-digits-mlp")[0].version
+
+    picture = tmp_path / "digit.png"
+    rng = np.random.default_rng(1)
+    picture.write_bytes(png(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)))  # resized
+    [expected] = predict([picture], tmp_path / "out/train/model.pt", device="cpu")
+    encoded = base64.b64encode(picture.read_bytes()).decode()
+    with served(f"models:/convnet-digits-mlp/{version}", store, tmp_path) as url:
+        status, answer = post(url, {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}})
+        assert status == 200, answer
+        [row] = answer["predictions"]
+        assert row["classes"] == [name for name, _ in expected.top]
+        assert row["probabilities"] == pytest.approx([p for _, p in expected.top], abs=1e-6)
+
+        status, answer = post(url, {"inputs": {"image": [encoded]}, "params": {"top": 2}})
+        assert status == 200 and answer["predictions"][0]["classes"] == row["classes"][:2]
+
+        corrupt = base64.b64encode(picture.read_bytes()[:200]).decode()  # a truncated PNG
+        for body, reason in (
+            ({"dataframe_split": {"columns": ["image"], "data": [[encoded], [corrupt]]}},
+             "image 1: OSError: image file is truncated"),
+            # A path is not opened by the server: its text is taken for the file's bytes.
+            ({"inputs": {"image": [str(picture)]}}, "image 0: not an image file PIL can read"),
+        ):  # fmt: skip
+            status, answer = post(url, body)
+            assert status == 400, answer
+            assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+            # MLflow puts the request's data first; the last line is the model's own.
+            assert answer["message"].splitlines()[-1] == f"Error: {reason}"
+            assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
