@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import json
 
 import mlflow
 import numpy as np
@@ -37,11 +39,13 @@ from stages.data.writer import digest
 from stages.engine import distributed, pretrained, serving
 from stages.engine.device import (
     Speed,
+    cached_rates,
     has_conv,
     memory_budget,
     prepare,
     resolve_device,
     resolve_speed,
+    step_rates,
 )
 from stages.engine.distributed import Dist
 from stages.engine.loop import TrainingError, run_epoch
@@ -248,17 +252,26 @@ def _build(
     scaler, EMA, batch generator and loss; the notes on how the speed settings resolved."""
     settings = params.train
     model = pretrained.initialise(build_model(params, data), params)  # scratch|pretrained|PATH
+    per_rank = max(1, settings.batch_size // dist.world)  # train.batch_size is the global batch
+    # What `auto` leaves open is measured on this model (rank 0, once per machine: cached), and
+    # every rank trains as rank 0 chose.
+    key = f"{params.model} {json.dumps(params.net, sort_keys=True)} {len(data.classes)} classes"
+    measure = cached_rates(
+        f"{key}, batch {per_rank}, {settings.crop_size} px",
+        lambda candidates: step_rates(model, candidates, per_rank, settings.crop_size),
+    )
     speed, notes = resolve_speed(
         device, settings.precision, settings.memory_format, settings.compile,
-        settings.cudnn_benchmark, has_conv(model),
+        settings.cudnn_benchmark, has_conv(model), measure if dist.main else None,
     )  # fmt: skip
+    dtype, channels_last = distributed.from_main(dist, (speed.dtype, speed.channels_last))
+    speed = dataclasses.replace(speed, dtype=dtype, channels_last=channels_last)
     model = prepare(model, speed)
     net = distributed.wrap(model, dist, device, settings.sync_batchnorm)
     model = net.module if dist.world > 1 else model  # SyncBatchNorm conversion made a new module
     if speed.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(model, settings, fused=True if device.type == "cuda" else None)
-    per_rank = max(1, settings.batch_size // dist.world)  # train.batch_size is the global batch
     # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
     steps = max(1, len(data.train_labels) // dist.world // per_rank)
     if min(per_rank, len(data.train_labels) // dist.world) < 2 and any(
@@ -291,7 +304,7 @@ def _banner(params: Params, run: RunState, notes: list[str], n: int, resume_at: 
         f"train: {params.model} ({sum(q.numel() for q in run.model.parameters()):,} parameters)"
         f" on {params.dataset}: {n} images, {params.train.epochs} epochs, device {speed.device}"
         f"{f' x {world} processes' if world > 1 else ''}; {speed.precision},"
-        f" {'channels_last' if speed.channels_last else 'contiguous'}"
+        f" {speed.memory_format}"
         f"{', compiled' if speed.compile else ''} ({'; '.join(notes)})"
         + (f"; resuming at epoch {resume_at + 1}" if resume_at is not None else "")
     )
@@ -341,7 +354,7 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
         net=params.model, net_options=params.net, num_classes=len(data.classes),
         image_size=params.train.crop_size, stored_size=data.image_size, classes=data.classes,
         precision=speed.precision,
-        memory_format="channels_last" if speed.channels_last else "contiguous",
+        memory_format=speed.memory_format,
         model=run.result.state_dict(), params=params.to_dict(), metrics=run.metrics,
         epoch=run.epoch, mlflow_run_id=run.mlflow_run_id, data=data.info,
     )  # fmt: skip
