@@ -271,7 +271,7 @@ def _build(
     model = net.module if dist.world > 1 else model  # SyncBatchNorm conversion made a new module
     if speed.compile:
         net = torch.compile(net)
-    optimizer = make_optimizer(model, settings, fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, settings)
     # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
     steps = max(1, len(data.train_labels) // dist.world // per_rank)
     if min(per_rank, len(data.train_labels) // dist.world) < 2 and any(
