@@ -155,6 +155,8 @@ def served(uri: str, store: str, cwd: Path) -> Iterator[str]:
     port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONPATH=str(REPO))
+    # `mlflow models serve` execs uvicorn by name: the virtualenv's, activated or not.
+    env["PATH"] = f"{exe.parent}{os.pathsep}{env['PATH']}"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     log = open(cwd / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
     proc = subprocess.Popen(
