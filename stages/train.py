@@ -58,6 +58,9 @@ from stages.explain import histograms
 from stages.params import Params, TrainParams, flatten
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Measuring the speed settings `auto` leaves open takes about 10 steps per candidate: worth it
+# for runs of this many steps or more.
+MEASURED_RUNS = 200
 
 
 def _write_history(rows: list[dict]) -> None:
@@ -253,16 +256,20 @@ def _build(
     settings = params.train
     model = pretrained.initialise(build_model(params, data), params)  # scratch|pretrained|PATH
     per_rank = max(1, settings.batch_size // dist.world)  # train.batch_size is the global batch
+    # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
+    steps = max(1, len(data.train_labels) // dist.world // per_rank)
     # What `auto` leaves open is measured on this model (rank 0, once per machine: cached), and
-    # every rank trains as rank 0 chose.
+    # every rank trains as rank 0 chose; a run too short to repay the measurement's steps takes
+    # the first candidate.
     key = f"{params.model} {json.dumps(params.net, sort_keys=True)} {len(data.classes)} classes"
     measure = cached_rates(
         f"{key}, batch {per_rank}, {settings.crop_size} px",
         lambda candidates: step_rates(model, candidates, per_rank, settings.crop_size),
     )
+    worth = dist.main and steps * settings.epochs >= MEASURED_RUNS
     speed, notes = resolve_speed(
         device, settings.precision, settings.memory_format, settings.compile,
-        settings.cudnn_benchmark, has_conv(model), measure if dist.main else None,
+        settings.cudnn_benchmark, has_conv(model), measure if worth else None,
     )  # fmt: skip
     dtype, channels_last = distributed.from_main(dist, (speed.dtype, speed.channels_last))
     speed = dataclasses.replace(speed, dtype=dtype, channels_last=channels_last)
@@ -272,8 +279,6 @@ def _build(
     if speed.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(model, settings)
-    # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
-    steps = max(1, len(data.train_labels) // dist.world // per_rank)
     if min(per_rank, len(data.train_labels) // dist.world) < 2 and any(
         isinstance(m, _BATCH_NORMS) for m in model.modules()
     ):

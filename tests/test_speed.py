@@ -101,7 +101,7 @@ def test_a_cache_that_cannot_be_written_costs_only_the_measurement(tmp_path, mon
 
 def test_the_measurement_is_real_and_leaves_the_model_and_the_random_state_alone():
     torch.manual_seed(3)
-    model = nets.build("resnet18", 4, 16, stem_stride=4)
+    model = nets.build("alexnet", 4, 16, fc_width=8, batch_norm=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.get_rng_state()
     candidates = [Speed(CPU, None, True), Speed(CPU, None, False)]
@@ -113,7 +113,7 @@ def test_the_measurement_is_real_and_leaves_the_model_and_the_random_state_alone
 
 def test_bf16_training_keeps_weights_optimizer_state_norm_statistics_and_ema_in_fp32():
     torch.manual_seed(0)
-    model = nets.build("resnet18", 4, 16, stem_stride=4)
+    model = nets.build("alexnet", 4, 16, fc_width=8, batch_norm=True)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     speed = Speed(CPU, torch.bfloat16, True)
@@ -133,7 +133,8 @@ def test_bf16_training_keeps_weights_optimizer_state_norm_statistics_and_ema_in_
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("flags", [AVX2, AMX])
+# With AMX faked on a CPU without it, the bf16 candidates run emulated: slow.
+@pytest.mark.parametrize("flags", [AVX2, pytest.param(AMX, marks=pytest.mark.slow)])
 def test_the_train_stage_says_what_it_chose_and_why(flags, tmp_path, monkeypatch, capsys):
     from train_helpers import make_processed, write_params
 
@@ -146,8 +147,14 @@ def test_the_train_stage_says_what_it_chose_and_why(flags, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
-    write_params(tmp_path, "resnet18", epochs=1, precision="auto", memory_format="auto")
-    train_module.train(params.load("params.yaml"))
+    small = ["net.fc_width=16"]
+    write_params(tmp_path, "alexnet", epochs=1, precision="auto", memory_format="auto")
+    train_module.train(params.load("params.yaml", small))  # 2 steps: not worth measuring
+    assert "measured" not in capsys.readouterr().out.splitlines()[0]
+    monkeypatch.setattr(train_module, "MEASURED_RUNS", 2)
+    write_params(tmp_path, "alexnet", epochs=1, precision="auto", memory_format="auto",
+                 resume=False)  # fmt: skip
+    train_module.train(params.load("params.yaml", small))
     banner = capsys.readouterr().out.splitlines()[0]
     assert "measured images/s: fp32/channels_last" in banner
     assert ("bf16/contiguous" in banner) == (flags == AMX)
