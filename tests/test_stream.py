@@ -3,13 +3,15 @@ giving exactly the batches (and so the weights) of the resident path."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from train_helpers import make_processed, params_from
 
 from stages import train as train_module
-from stages.data.stream import Resident, Streamed
+from stages.data.stream import READER, Resident, Streamed
 from stages.engine.distributed import Dist
 
 CPU = torch.device("cpu")
@@ -41,7 +43,9 @@ def test_stopping_early_ends_the_reader(images_file):
     images, labels = images_file
     steps = Streamed(images, labels, CPU).steps(torch.arange(50), 5, 10, slice(0, 5))
     next(steps)
+    assert [t for t in threading.enumerate() if t.name == READER]  # reading ahead
     steps.close()  # the loop left (an error, an interrupt): the reader thread is stopped
+    assert not [t for t in threading.enumerate() if t.name == READER]
 
 
 def test_a_file_cut_short_is_an_error_in_the_training_thread(tmp_path):

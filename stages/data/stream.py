@@ -49,6 +49,9 @@ class Resident:
             yield self.images, idx, self.labels[idx]
 
 
+READER = "stream-reader"  # the reading thread's name
+
+
 class Streamed:
     """The training images read from their memory-mapped `.npy` file a batch at a time."""
 
@@ -68,8 +71,9 @@ class Streamed:
         batches: queue.Queue = queue.Queue(maxsize=AHEAD)
         stop = threading.Event()
         reader = threading.Thread(
-            target=self._read, args=(indices, batch, count, part, batches, stop), daemon=True
-        )
+            target=self._read, args=(indices, batch, count, part, batches, stop), daemon=True,
+            name=READER,
+        )  # fmt: skip
         reader.start()
         try:
             ahead = self._to_device(batches.get())
