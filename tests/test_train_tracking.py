@@ -164,6 +164,12 @@ def test_a_copied_repository_stops_in_one_line_instead_of_writing_into_the_old_o
     assert {root: _files(root) for root in (old, new)} == before  # the store too
     assert not (new / "out/train").exists()
 
+    # The way out docs/troubleshooting.md gives first: the old path leads to the new place.
+    shutil.rmtree(old)
+    old.symlink_to(new)
+    train_module.train(params.load("params.yaml"))
+    assert len(list((new / "mlartifacts").rglob("history.csv"))) == 2  # the copied run's too
+
 
 def _files(root: Path) -> dict[Path, bytes]:
     return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}

@@ -195,10 +195,10 @@ def setup() -> str:
             return mlflow.create_experiment(name, location, tags=EXPERIMENT_TAGS)
         # MLflow records artifact locations as absolute paths and has no API to change them:
         # the repository's own store, moved or copied, would write into the old place.
-        old, own = experiment.artifact_location, (root() / "mlartifacts").as_uri()
-        moved = old.startswith("file:") and old.endswith("/mlartifacts") and old != own
-        if uri == default_uri() and moved:
-            old = urllib.parse.unquote(urllib.parse.urlparse(old).path)
+        location = experiment.artifact_location
+        old = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path))
+        own = location.startswith("file:") and old.name == "mlartifacts"
+        if uri == default_uri() and own and old.resolve() != (root() / old.name).resolve():
             raise TrackingError(
                 f"MLflow store {uri}: keeps its artifacts in {old}, not in this repository (was"
                 " it moved or copied?): new runs would write outside the repository; see"
