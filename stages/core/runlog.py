@@ -42,19 +42,10 @@ from mlflow.tracking.context import registry as context_registry
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from stages.core import checkpoint, paths
+from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted, PipelineError, held
 from stages.core.files import atomic_path, is_inner_path, only_one, write_json
-from stages.core.tracking import (
-    THREADS,
-    TrackingError,
-    answering,
-    cause,
-    find_run,
-    root,
-    setup,
-    tracking_uri,
-)
+from stages.core.tracking import TrackingError, answering, cause
 
 WAIT_SECONDS = 60  # at the end, how long the store may take no write before the rest is saved
 # Errors a retry cannot fix (a value the store rejects, a run deleted meanwhile): the record
@@ -71,8 +62,8 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _base64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True) or b"empty"
+def _bytes(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
 
 
 def _rule(why: str, test: Callable[[Any], object]) -> AfterValidator:
@@ -135,14 +126,14 @@ class File(_Record):
 
     kind: Literal["file"] = "file"
     path: Annotated[str, _rule("its path {} leads out of the run's artifacts", is_inner_path)]
-    content: Annotated[str, _rule("its content is not base64", _base64)]
+    content: Annotated[str, _rule("its content is not base64", lambda c: _bytes(c) is not None)]
 
     def write(self, log: RunLog) -> None:
         if not is_inner_path(self.path):  # made by this process: never checked when read
             raise PipelineError(f"{self.path!r} leads out of the run's artifacts")
         folder, _, name = self.path.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / name).write_bytes(base64.b64decode(self.content))
+            (Path(tmp) / name).write_bytes(_bytes(self.content))
             log.client.log_artifact(log.run_id, str(Path(tmp) / name), folder or None)
 
 
@@ -249,7 +240,7 @@ class RunLog:
         self._progress = time.monotonic()  # when a write last succeeded or the queue filled
         self._exporting = False  # the model is being logged: that may take minutes
         self.left: list[Record] = []  # what close() saved as pending
-        threading.Thread(target=self._write, name=f"{THREADS}writer", daemon=True).start()
+        threading.Thread(target=self._write, name=f"{tracking.THREADS}writer", daemon=True).start()
 
     # The writes a stage makes; each returns at once.
 
@@ -439,7 +430,7 @@ def _refused(err: Exception) -> bool:
 def pending_folder() -> Path:
     """out/train/mlflow-pending of the main repository (a queued experiment's own workspace
     is deleted once it ends)."""
-    return root() / paths.MLFLOW_PENDING
+    return tracking.root() / paths.MLFLOW_PENDING
 
 
 def _say(line: str) -> None:
@@ -539,7 +530,7 @@ def log_pending(package: Package, say: Callable[[str], None] = _say) -> list[str
                 continue
             uri, records = read
             with answering(uri):  # the store answers, or one line at once
-                if find_run(file.stem, uri) is None:
+                if tracking.find_run(file.stem, uri) is None:
                     _set_aside(file, f"run {file.stem} is not in the store {uri}", say)
                     continue
             log = RunLog(uri, file.stem, package)
@@ -567,7 +558,7 @@ def run_log(
     happens here; a run the store lacks is replaced by a new one, ended as above. With a
     `package` (a training), what earlier runs left pending is logged first.
     """
-    experiment_id, uri = setup(), tracking_uri()
+    experiment_id, uri = tracking.setup(), tracking.tracking_uri()
     if package is not None and any(pending_folder().glob("*.json")):
         try:
             print("\n".join(log_pending(package)))
@@ -577,7 +568,7 @@ def run_log(
     try:
         with held():  # an interrupt held here is raised inside `try`: the run ends FAILED
             with answering(uri):
-                if run_id and find_run(run_id, uri) is not None:
+                if run_id and tracking.find_run(run_id, uri) is not None:
                     ends = not attach
                     if ends:
                         client.update_run(run_id, "RUNNING")

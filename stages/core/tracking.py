@@ -53,19 +53,11 @@ QUICK_HTTP = {
 # 20 s per statement on a locked sqlite file, and a server that hangs may never answer.
 PROBE_SECONDS = 10
 THREADS = "mlflow-"  # the names of this project's threads that talk to the store begin so
-
-
-class _Quiet(logging.Filter):
-    """Drops MLflow's and urllib3's own messages (a traceback per attempt) about the failures
-    of this project's store threads: the writer says once that the store fails, and when it
-    is back; the probe's failure is the stage's one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.threadName.startswith(THREADS)
-
-
+# MLflow's and urllib3's own messages about the failures of those threads (a traceback per
+# attempt) are dropped: the writer says once that the store fails, and when it is back; the
+# probe's failure is the stage's one line.
 for _name in ("mlflow.store.db.utils", "urllib3.connectionpool", "mlflow.utils.rest_utils"):
-    logging.getLogger(_name).addFilter(_Quiet())
+    logging.getLogger(_name).addFilter(lambda record: not record.threadName.startswith(THREADS))
 
 
 class TrackingError(PipelineError):
@@ -146,9 +138,10 @@ def _probe(uri: str) -> None:
     def ask() -> None:
         try:
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
-            answer.append(None)
         except Exception as err:  # noqa: BLE001 - raised in the stage's thread below
             answer.append(err)
+        else:
+            answer.append(None)
 
     thread = threading.Thread(target=ask, name=f"{THREADS}probe", daemon=True)
     thread.start()
