@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -18,8 +17,9 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from stages.core import paths, tracking
+from stages.core import paths
 from stages.core.files import atomic_dir, write_json
+from stages.core.runlog import run_log
 from stages.data.processed import load_processed
 from stages.engine.inference import nll, topk_accuracy
 from stages.engine.model import load_trained
@@ -72,19 +72,13 @@ def evaluate(p: Params) -> dict:
                 writer.writerow([name, int(mask.sum()), f"{acc:.4f}"])
         plot_confusion(truth, preds, data.classes, out / "confusion_matrix.png")
 
-    # Added to the training's run, which stays as the training left it (see tracking.run).
-    with tracking.run(run_id=state["mlflow_run_id"]) as run, tracking.writing():
-        mlflow.log_metrics(
-            {
-                "single_crop_top1": metrics["single_crop"]["top1"],
-                "single_crop_top5": metrics["single_crop"]["top5"],
-                "ten_crop_top1": metrics["ten_crop"]["top1"],
-                "ten_crop_top5": metrics["ten_crop"]["top5"],
-                "ten_crop_gain_top1": metrics["ten_crop_gain_top1"],
-            },
-            run_id=run.info.run_id,
+    # Added to the training's run, which stays as the training left it (see run_log).
+    with run_log(None, state["mlflow_run_id"], attach=True) as log:
+        scores = {f"{crop}_{k}": metrics[crop][k] for crop in probs for k in ("top1", "top5")}
+        log.batch(
+            "the metrics", metrics=scores | {"ten_crop_gain_top1": metrics["ten_crop_gain_top1"]}
         )
-        mlflow.log_artifacts(str(paths.EVALUATE), artifact_path="evaluate", run_id=run.info.run_id)
+        log.artifacts(paths.EVALUATE, "evaluate")
     print(
         f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
         f" {metrics['ten_crop']['top1']:.2%} 10-crop"

@@ -18,18 +18,17 @@ from __future__ import annotations
 import collections
 import csv
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no display
 
-from stages.core import checkpoint, paths, tracking
+from stages.core import paths
 from stages.core.files import atomic_dir
+from stages.core.runlog import run_log
 from stages.data.augment import augment, augment_options, center_crop
 from stages.data.processed import DataError, Processed, load_processed
 from stages.engine.model import Trained, load_trained
@@ -223,19 +222,6 @@ def _message(out: Path, text: str) -> None:
     fig.savefig(out, dpi=80)
 
 
-def _log_checkpoint(state: dict, run_id: str) -> None:
-    """A copy of the checkpoint for inference in the run, so `convnet ensemble RUN_ID` works.
-
-    The logged MLflow model is an export traced for batch size 1; the checkpoint rebuilds the
-    real module. It holds the inference keys only (checkpoint.INFERENCE_KEYS, what model.pt
-    holds), never a run's resume state.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pt"
-        checkpoint.save(path, checkpoint.inference_only(state))
-        mlflow.log_artifact(str(path), artifact_path="checkpoint", run_id=run_id)
-
-
 # The pictures that read an earlier stage's file besides the model and the data.
 INPUTS = {"curves": (paths.HISTORY, "train"), "confusion": (paths.PREDICTIONS, "evaluate")}
 
@@ -267,11 +253,8 @@ def report(p: Params) -> list[str]:
             PICTURES[name](ctx)
             print(f"report: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
         written = sorted(f.name for f in out.iterdir())
-    # Added to the training's run, which stays as the training left it (see tracking.run).
-    with tracking.run(run_id=state["mlflow_run_id"]) as run, tracking.writing():
-        mlflow.log_artifacts(str(paths.REPORT), artifact_path="report", run_id=run.info.run_id)
-        _log_checkpoint(state, run.info.run_id)
-    print(
-        f"report: {len(written)} files in {paths.REPORT}/, logged to MLflow run {run.info.run_id}"
-    )
+    # Added to the training's run, which stays as the training left it (see run_log).
+    with run_log(None, state["mlflow_run_id"], attach=True) as log:
+        log.artifacts(paths.REPORT, "report")
+    print(f"report: {len(written)} files in {paths.REPORT}/, logged to MLflow run {log.run_id}")
     return written

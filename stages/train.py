@@ -30,12 +30,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
 from stages.core.files import atomic_path, only_one
-from stages.core.runlog import RunLog, training_run
+from stages.core.runlog import RunLog, run_log
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
 from stages.data.sources import SOURCES
 from stages.data.stream import Resident, Streamed
-from stages.data.writer import digest
 from stages.engine import distributed, pretrained, serving
 from stages.engine.device import (
     Speed,
@@ -74,12 +73,6 @@ def _write_history(rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _log_model(log: RunLog, params: Params) -> None:
-    """model.pt's network as the run's MLflow model `<dataset>-<model>` (registered as
-    `convnet-<dataset>-<model>` with train.register_model), its classes in the metadata."""
-    log.model(paths.CHECKPOINT, params.dataset, params.model, params.train.register_model)
-
-
 def _log_data(p: Params, data: Processed, log: RunLog) -> None:
     """The training and validation sets as MLflow dataset inputs: the UI's Dataset column."""
     spec = SOURCES[p.dataset]
@@ -92,10 +85,9 @@ def _log_data(p: Params, data: Processed, log: RunLog) -> None:
         source = origin
     else:
         source = str((tracking.root() / origin).resolve())
-    digests = data.info.get("digests", {})  # data made before digests were recorded: compute
     for split, context in (("train", "training"), ("val", "validation")):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-        found = digests.get(split) or digest(images, labels)
+        found = data.info["digests"][split]  # preprocess computed it, over the whole split
         dataset = mlflow.data.from_numpy(
             images, source=source, targets=labels, name=p.dataset, digest=found
         )
@@ -136,7 +128,7 @@ def _mlflow_run(
     """Rank 0's MLflow run (the interrupted one when resuming); other ranks log nothing."""
     if not dist.main:
         return contextlib.nullcontext()
-    return training_run(
+    return run_log(
         serving.package, run_id, run_name=tracking.run_name(params.dataset, params.model),
         tags=tracking.run_tags(params.dataset, params.model, source="stages/train.py"),
     )  # fmt: skip
@@ -368,7 +360,8 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
 def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None:
     """The stage's outputs: model.pt, history.csv (as after the last epoch),
     then last.pt marked complete (a kill in between resumes straight to here); then the MLflow
-    artifacts and model are queued (the model is logged from model.pt)."""
+    artifacts and model are queued: model.pt's network as the run's MLflow model
+    `<dataset>-<model>` (registered as `convnet-<dataset>-<model>` with train.register_model)."""
     run.complete = True
     model = _inference(params, data, run).to_dict()
     checkpoint.save(paths.CHECKPOINT, model)
@@ -378,7 +371,7 @@ def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None
     mean_png = paths.PROCESSED / "mean.png"
     if mean_png.is_file():  # a picture only: processed data made without it still train
         log.artifact(mean_png)
-    _log_model(log, params)
+    log.model(paths.CHECKPOINT, params.dataset, params.model, params.train.register_model)
 
 
 def _log_histograms(

@@ -14,6 +14,7 @@ from PIL import Image
 import nets
 from stages import params
 from stages.core import checkpoint, paths
+from stages.data.writer import digest
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16  # stored image side; models see 12 px crops
@@ -43,7 +44,9 @@ def processed(root: Path) -> None:
     np.save(folder / "mean.npy", train_x.mean(0).astype(np.float32))
     Image.fromarray(train_x.mean(0).astype(np.uint8)).save(folder / "mean.png")
     (folder / "classes.json").write_text(json.dumps(CLASSES))
-    info = {"dataset": "digits", "std": [50.0, 50.0, 50.0], "wnids": WNIDS}
+    info = {"dataset": "digits", "std": [50.0, 50.0, 50.0], "wnids": WNIDS,
+            "digests": {"train": digest(train_x, train_y),
+                        "val": digest(val_x, val_y)}}  # fmt: skip
     (folder / "info.json").write_text(json.dumps(info))
 
 

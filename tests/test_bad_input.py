@@ -837,14 +837,15 @@ def pending(root: Path, name: str, records: list[dict] | str) -> Path:
     return file
 
 
-def file_record(name: str, folder: str | None = None) -> dict:
-    data = {"name": name, "folder": folder, "bytes": base64.b64encode(b"logged").decode()}
-    return {"what": name, "kind": "file", "data": data, "step": None}
+def file_record(path: str) -> dict:
+    """A pending `file` record: "logged" for `path` in the run's artifacts."""
+    content = base64.b64encode(b"logged").decode()
+    return {"what": path, "kind": "file", "path": path, "content": content, "step": None}
 
 
 def test_a_pending_record_never_writes_outside_its_folder(template, tmp_path):
-    """A `file` record names where its file goes: an absolute name, `..` in the name or in the
-    artifact folder are set aside in one line, the other records logged, nothing written outside."""
+    """A `file` record names where its file goes: an absolute path or one with `..` in it is set
+    aside in one line, the other records logged, nothing written outside."""
     root = workspace(template, tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -853,8 +854,8 @@ def test_a_pending_record_never_writes_outside_its_folder(template, tmp_path):
     records = [
         file_record(str(outside / "absolute.txt")),
         file_record(up),
-        file_record("folder.txt", folder="../../../outside"),
-        file_record("kept.txt", folder="notes"),
+        file_record("../../../outside/folder.txt"),
+        file_record("notes/kept.txt"),
     ]
     file = pending(root, run_id, records)
     began = time.monotonic()
@@ -864,8 +865,8 @@ def test_a_pending_record_never_writes_outside_its_folder(template, tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     aside = f"out/train/mlflow-pending/set-aside/{run_id}.json"
-    assert f"records 1, 2, 3 of 4 can never be logged (record 1: its file name '{outside}" in line
-    assert "leads out of its folder" in line and line.endswith(f"set aside in {aside}")
+    assert f"records 1, 2, 3 of 4 can never be logged (record 1: its path '{outside}/" in line
+    assert "leads out of the run's artifacts" in line and line.endswith(f"set aside in {aside}")
     assert "does not answer" not in result.stdout + result.stderr
     assert not list(outside.iterdir())  # nothing written outside
     logged = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").list_artifacts(run_id, "notes")
@@ -877,12 +878,12 @@ def test_a_pending_record_never_writes_outside_its_folder(template, tmp_path):
 
 
 def test_what_can_never_be_logged_is_set_aside_once_and_training_goes_on(template, tmp_path):
-    """A record missing a key, a file that is not a pending log and one of a run the store does
-    not have: set aside with a line each by the next training (no 60 s wait blaming the store,
-    no advice to move the store aside), and never again."""
+    """A record with a wrong value, a file that is not a pending log and one of a run the store
+    does not have: set aside with a line each by the next training (no 60 s wait blaming the
+    store, no advice to move the store aside), and never again."""
     root = workspace(template, tmp_path)
     run_id = store_with_run(root)
-    batch = {"what": "the metrics", "kind": "batch", "data": {"metrics": {"a": 1.0}}, "step": 3}
+    batch = {"what": "the metrics", "kind": "batch", "metrics": {"a": "high"}, "step": 3}
     pending(root, run_id, [batch])
     pending(root, "notes", [file_record("a.txt")])  # a json file that names no run
     pending(root, "junk", "{")
@@ -892,7 +893,7 @@ def test_what_can_never_be_logged_is_set_aside_once_and_training_goes_on(templat
     assert time.monotonic() - began < 50
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert f"{run_id}.json: record 1 of 1 can never be logged (record 1: a batch record" in out
+    assert f"{run_id}.json: record 1 of 1 can never be logged (record 1: batch.metrics.a: " in out
     assert "notes.json: run notes is not in the store" in out
     assert "junk.json: not a pending MLflow log" in out
     assert "does not answer" not in out and "move the file aside" not in out + result.stderr
@@ -940,7 +941,8 @@ def test_an_interrupt_while_evaluate_logs_leaves_the_training_run_as_it_was(
     """Ctrl-C after evaluate wrote its outputs, while it adds them to the training's MLflow run:
     that run stays FINISHED, with its end time, and `convnet results` still finds it."""
     from stages.commands import results
-    from stages.core import errors, tracking
+    from stages.core import errors
+    from stages.core.runlog import run_log
     from stages.evaluate import evaluate
     from stages.params import load
 
@@ -949,18 +951,18 @@ def test_an_interrupt_while_evaluate_logs_leaves_the_training_run_as_it_was(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     tags = {"dataset": "digits", "model": "alexnet"}
-    with tracking.run(run_name="digits/alexnet", tags=tags) as training:
+    with run_log(None, run_name="digits/alexnet", tags=tags) as training:
         pass
-    run_id = training.info.run_id
+    run_id = training.run_id
     fabricate.save_checkpoint(root / "out/train/model.pt", fabricate.model(), run_id)
     ended = mlflow.get_run(run_id).info
-    log_artifacts = mlflow.log_artifacts
+    log_artifact = mlflow.MlflowClient.log_artifact
 
     def ctrl_c_while_logging(*args, **kwargs):  # the real one, with a Ctrl-C inside
         os.kill(os.getpid(), signal.SIGINT)
-        return log_artifacts(*args, **kwargs)
+        return log_artifact(*args, **kwargs)
 
-    monkeypatch.setattr(mlflow, "log_artifacts", ctrl_c_while_logging)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", ctrl_c_while_logging)
     old = signal.signal(signal.SIGINT, errors.on_signal)
     try:
         with pytest.raises(errors.Interrupted):

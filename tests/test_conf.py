@@ -16,6 +16,7 @@ import nets
 from stages import params
 from stages import train as train_module
 from stages.cli import app
+from stages.core.runlog import RunLog
 from stages.data.sources import SOURCES, check_params
 from stages.engine.model import check_model_params
 
@@ -104,7 +105,7 @@ def test_every_recipe_trains_two_steps(name, tmp_path, monkeypatch):
     make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 8, k=4, dataset=p.dataset)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)  # slow, not needed
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)  # slow, not needed
     metrics = train_module.train(p)
     assert 0 <= metrics["val_top1"] <= 1
     assert (tmp_path / "out" / "train" / "model.pt").exists()

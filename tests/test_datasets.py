@@ -368,6 +368,6 @@ def test_a_file_that_is_not_an_image_is_named_with_a_plain_reason(tmp_path):
     good, junk = tmp_path / "good.png", tmp_path / "junk.png"
     Image.new("RGB", (8, 8), "red").save(good)
     junk.write_text("not an image")
-    decoded = imaging.decode_files([good, junk], 8, fit=True, workers=1)
-    assert decoded.kept.tolist() == [0] and decoded.images.shape == (1, 8, 8, 3)
-    assert decoded.bad == [(str(junk), "not an image file PIL can read")]
+    [(start, images, bad)] = imaging.decode_blocks([good, junk], 8, fit=True, workers=1)
+    assert start == 0 and images.shape == (2, 8, 8, 3) and not images[1].any()  # junk: zeros
+    assert bad == [(1, "not an image file PIL can read")]

@@ -21,6 +21,7 @@ from stages.cli import app
 from stages.commands.export import export
 from stages.commands.predict import predict
 from stages.core import checkpoint
+from stages.core.runlog import RunLog
 from stages.engine.model import load_trained
 
 ort = pytest.importorskip("onnxruntime")  # a dev dependency: pip install -e ".[dev]"
@@ -106,7 +107,7 @@ def test_a_trained_checkpoint_through_the_command_answers_as_predict(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)  # not needed here
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)  # not needed here
     train_module.train(params.load("params.yaml"))
     result = CliRunner().invoke(app, ["export", "--crops", "1"])  # defaults: model.pt, both
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, features
 
 from stages.data import images as imaging
-from stages.data.images import decode_files, read_image
+from stages.data.images import decode_blocks, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -53,8 +53,8 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     expected = as_8_bit(wide)
     assert expected[0, :4, 0].tolist() == [0, 1, 254, 255]
     np.testing.assert_array_equal(read_image(tmp_path / "scan.png", SIZE), expected)  # predict
-    decoded = decode_files([tmp_path / "scan.png"], SIZE, fit=True, workers=1)  # preprocess
-    np.testing.assert_array_equal(decoded.images[0], expected)
+    [(_, images, _)] = decode_blocks([tmp_path / "scan.png"], SIZE, fit=True, workers=1)
+    np.testing.assert_array_equal(images[0], expected)  # preprocess
 
 
 def test_32_bit_integer_grey_holding_16_bit_values_is_scaled_too(tmp_path):
@@ -88,8 +88,8 @@ def test_an_animation_gives_its_first_frame(tmp_path, capsys, first_frame_unsaid
 def test_the_first_frame_is_said_once_per_run_not_per_file(tmp_path, capsys, first_frame_unsaid):
     for i in range(3):
         save_animation(tmp_path / f"{i}.gif")
-    decoded = decode_files(sorted(tmp_path.glob("*.gif")), SIZE, fit=True, workers=1)
-    assert len(decoded.images) == 3
+    [(_, images, bad)] = decode_blocks(sorted(tmp_path.glob("*.gif")), SIZE, fit=True, workers=1)
+    assert len(images) == 3 and not bad
     said = [line for line in capsys.readouterr().err.splitlines() if "frames" in line]
     assert len(said) == 1 and said[0].startswith(str(tmp_path / "0.gif"))
 

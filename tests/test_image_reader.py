@@ -18,7 +18,7 @@ from train_helpers import params_from
 from stages.commands.predict import predict
 from stages.core import paths
 from stages.data import images as imaging
-from stages.data.images import ImageFileError, decode_files, read_image
+from stages.data.images import ImageFileError, decode_blocks, read_image
 from stages.engine.model import load_trained
 from stages.preprocess import preprocess
 
@@ -152,9 +152,9 @@ def test_unreadable_files_are_one_line_naming_the_path_in_both_readers(tmp_path)
         assert message.startswith(f"{path}: {reason}") and "\n" not in message
         reasons[str(path)] = message.removeprefix(f"{path}: ")
     # preprocess's decoding of the same files reports them with the very same reasons.
-    decoded = decode_files([good, *bad], 8, fit=True, workers=1)
-    assert decoded.kept.tolist() == [0]
-    assert dict(decoded.bad) == reasons
+    files = [good, *bad]
+    [(_, _, failed)] = decode_blocks(files, 8, fit=True, workers=1)
+    assert {str(files[i]): why for i, why in failed} == reasons  # good.png decoded
 
 
 def test_preprocess_stores_exactly_what_read_image_returns(tmp_path, monkeypatch):
@@ -254,5 +254,5 @@ def test_a_file_that_would_decode_past_the_bound_is_refused_before_decoding(tmp_
         f"{path}: is 10,000 x 9,000 pixels, more than the {imaging.MAX_PIXELS:,} an image may"
         " decode to (Pillow's decompression-bomb limit); make it smaller"
     )
-    decoded = decode_files([path], 16, fit=True, workers=1)
-    assert [why for _, why in decoded.bad] == [str(err.value).removeprefix(f"{path}: ")]
+    [(_, _, failed)] = decode_blocks([path], 16, fit=True, workers=1)
+    assert failed == [(0, str(err.value).removeprefix(f"{path}: "))]

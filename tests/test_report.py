@@ -142,14 +142,14 @@ def pipeline_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    from stages.core import tracking
+    from stages.core.runlog import run_log
 
     fabricate.processed(tmp_path)
     fabricate.history_and_predictions(tmp_path)
-    with tracking.run(run_name="fabricated") as run:
+    with run_log(None, run_name="fabricated") as run:
         pass
-    fabricate.save_checkpoint(tmp_path / paths.CHECKPOINT, fabricate.model(), run.info.run_id)
-    return run.info.run_id
+    fabricate.save_checkpoint(tmp_path / paths.CHECKPOINT, fabricate.model(), run.run_id)
+    return run.run_id
 
 
 def test_report_stage_writes_every_picture_and_logs_them(pipeline_outputs):
@@ -159,6 +159,7 @@ def test_report_stage_writes_every_picture_and_logs_them(pipeline_outputs):
         "report.num_images=6", "report.ascent_steps=2", "report.max_channels=4",
         "report.augment_images=8",
     )  # fmt: skip
+    ended = mlflow.get_run(pipeline_outputs).info
     written = report(p)
     expected = {
         "predictions.png", "mistakes.png", "filters_conv1.png", "filters_conv2.png",
@@ -176,9 +177,9 @@ def test_report_stage_writes_every_picture_and_logs_them(pipeline_outputs):
     client = mlflow.tracking.MlflowClient()
     logged = {a.path for a in client.list_artifacts(pipeline_outputs, "report")}
     assert logged == {f"report/{name}" for name in expected}
-    assert [a.path for a in client.list_artifacts(pipeline_outputs, "checkpoint")] == [
-        "checkpoint/model.pt"
-    ]
+    assert {a.path for a in client.list_artifacts(pipeline_outputs)} == {"report"}
+    now = client.get_run(pipeline_outputs).info  # added to, never reopened nor ended again
+    assert (now.status, now.end_time) == ("FINISHED", ended.end_time)
 
 
 def test_report_makes_only_the_chosen_pictures(pipeline_outputs):

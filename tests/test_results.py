@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.core import tracking
+from stages.core.runlog import run_log
 from tests.fakes import closed_port_url
 
 
@@ -32,28 +32,29 @@ def log_run(
     tags: dict | None = None,
 ) -> str:  # fmt: skip
     """A training run (params, per-epoch metrics) then, for `top1`, the evaluate stage's
-    metrics added to it; `failed`: the training fails, which ends its run FAILED. Returns the
-    run id."""
-    run_tags = {"dataset": dataset, "model": model, "dvc_exp_name": "test-exp"} | (tags or {})
+    metrics added to it, both through run_log as the stages write; `failed`: the training fails,
+    which ends its run FAILED. Returns the run id."""
+    run_tags = {"dataset": dataset, "model": model, "dvc_exp_name": "test-exp", "device": "cpu"}
     try:
-        with tracking.run(run_name=model, tags=run_tags) as run:
-            mlflow.log_params({"train.epochs": epochs, "train.device": "cpu", "model": model})
+        with run_log(None, run_name=model, tags=run_tags | (tags or {})) as training:
+            training.batch("the params", params={"train.epochs": epochs, "model": model})
             for epoch, s in enumerate(seconds, start=1):
-                mlflow.log_metrics({"epoch_seconds": s, "val_top1": 0.1 * epoch}, step=epoch)
+                training.batch("the metrics", epoch, {"epoch_seconds": s, "val_top1": 0.1 * epoch})
             if failed:
                 raise OSError("disk full while saving the checkpoint")
     except OSError:
         pass
     if top1 is not None:
-        with tracking.run(run_id=run.info.run_id) as training:  # as evaluate adds to it
-            mlflow.log_metrics({
+        with run_log(None, training.run_id, attach=True) as evaluation:  # as evaluate adds to it
+            evaluation.batch("the metrics", metrics={
                 "single_crop_top1": single, "single_crop_top5": top5 - 0.01,
                 "ten_crop_top1": top1, "ten_crop_top5": top5,
                 "ten_crop_gain_top1": top1 - single,
-            }, run_id=training.info.run_id)  # fmt: skip
-    status = mlflow.get_run(run.info.run_id).info.status
-    assert status == ("FAILED" if failed else "FINISHED")
-    return run.info.run_id
+            })  # fmt: skip
+        assert evaluation.run_id == training.run_id
+    status = mlflow.get_run(training.run_id).info.status
+    assert status == ("FAILED" if failed else "FINISHED")  # as the training left it
+    return training.run_id
 
 
 def table(markdown: str) -> dict[tuple[str, str], dict[str, str]]:

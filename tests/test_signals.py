@@ -9,7 +9,7 @@ import pytest
 
 from stages.core import errors, tracking
 from stages.core.errors import Interrupted
-from stages.core.runlog import training_run
+from stages.core.runlog import run_log
 
 
 @pytest.fixture
@@ -38,10 +38,11 @@ def test_outside_a_held_block_the_signal_interrupts_at_once(handler):
         pass
 
 
-@pytest.mark.parametrize("opening", ["run", "training_run"])
-def test_an_interrupt_while_the_run_is_created_ends_it_failed(tmp_path, monkeypatch, opening):
+@pytest.mark.parametrize("attach", [False, True], ids=["own run", "attached, run not in store"])
+def test_an_interrupt_while_the_run_is_created_ends_it_failed(tmp_path, monkeypatch, attach):
     """SIGTERM arriving while MLflow creates the run is held until the run exists, then ends
-    it FAILED (it used to stay open and end FINISHED when the process exited)."""
+    it FAILED (it used to stay open and end FINISHED when the process exited). A stage that
+    attaches to a run the store lacks (evaluate with another store's model) owns its new run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -54,12 +55,11 @@ def test_an_interrupt_while_the_run_is_created_ends_it_failed(tmp_path, monkeypa
     monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run_and_signal)
     old = signal.signal(signal.SIGTERM, errors.on_signal)
     try:
-        opened = tracking.run(run_name="x") if opening == "run" else training_run(None)
+        opened = run_log(None, "f" * 32 if attach else None, attach=attach)
         with pytest.raises(Interrupted), opened:
             pytest.fail("the block ran")
     finally:
         signal.signal(signal.SIGTERM, old)
-        mlflow.end_run()  # none is left open; if one were, later tests would inherit it
     [run] = mlflow.MlflowClient(uri).search_runs(
         [mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id]
     )

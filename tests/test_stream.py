@@ -11,6 +11,7 @@ import torch
 from train_helpers import make_processed, params_from
 
 from stages import train as train_module
+from stages.core.runlog import RunLog
 from stages.data.stream import READER, Resident, Streamed
 from stages.engine.distributed import Dist
 
@@ -64,7 +65,7 @@ def test_a_set_over_the_budget_streams_and_trains_the_same_weights(tmp_path, mon
     make_processed(tmp_path, n_train=64, n_val=16, size=16)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)
     train = {"crop_size": 12, "epochs": 2, "batch_size": 16, "device": "cpu", "resume": False,
              "brightness": 0.2}  # fmt: skip
     weights = {}

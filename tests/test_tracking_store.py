@@ -24,6 +24,8 @@ import mlflow
 import pytest
 from train_helpers import SLOW_EPOCH, setup
 
+from stages.core.tracking import PROBE_SECONDS
+
 REPO = Path(__file__).resolve().parents[1]
 CURVES = ("train_loss", "val_top1", "system/cpu_utilization_percentage")
 # A training of 15 s or more, so the store fails while training still runs, however late the
@@ -275,13 +277,16 @@ def test_what_the_store_never_took_is_logged_later_by_log_pending(tmp_path, spaw
     assert again.finish() == 0 and again.lines == ["MLflow: nothing waits"], again.output
 
 
-def _refused_at_start(spawn, root: Path, environ: dict[str, str], reason: str) -> None:
-    """`train` exits 1 with one line naming the store and `reason`, before it trains."""
+def _refused_at_start(spawn, root: Path, environ: dict[str, str], *reasons: str) -> str:
+    """`train` exits 1 with one line naming the store and one of `reasons`, before it trains;
+    that line."""
     train = spawn(root, environ, "train")
     assert train.finish(timeout=120) == 1, train.output
     [line] = train.lines
-    assert line.startswith(f"error: MLflow store {environ['MLFLOW_TRACKING_URI']}: {reason}")
+    store = f"error: MLflow store {environ['MLFLOW_TRACKING_URI']}: "
+    assert any(line.startswith(store + reason) for reason in reasons), line
     assert not (root / "out/train").exists()  # nothing trained, nothing written
+    return line
 
 
 def test_a_corrupt_or_locked_sqlite_store_stops_training_before_it_starts(tmp_path, spawn):
@@ -293,8 +298,34 @@ def test_a_corrupt_or_locked_sqlite_store_stops_training_before_it_starts(tmp_pa
 
     db.unlink()
     mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # a new, empty store
-    with locked(db):
-        _refused_at_start(spawn, root, env(root), "database is locked; ")
+    with locked(db):  # sqlite's own wait (5 s) ends first, unless the machine is busy
+        line = _refused_at_start(
+            spawn, root, env(root), "database is locked; ", f"no answer within {PROBE_SECONDS} s; "
+        )
+    assert "wait for (or stop)" in line
+
+
+def test_a_store_that_never_answers_is_one_line_once_the_probe_gives_up(tmp_path, monkeypatch):
+    """A server that takes the connection and never answers, with the user's own long HTTP
+    timeout (kept): the stage does not wait for it."""
+    from stages.core import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "PROBE_SECONDS", 2)
+    with socket.socket() as hanging:  # the kernel takes connections; nothing ever answers
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(8)
+        url = f"http://127.0.0.1:{hanging.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+        began = time.monotonic()
+        with pytest.raises(tracking.TrackingError) as stopped:
+            tracking.setup()
+    assert time.monotonic() - began < 10
+    assert str(stopped.value) == (
+        f"MLflow store {url}: no answer within 2 s; restart the server, or point"
+        " MLFLOW_TRACKING_URI at another store"
+    )
 
 
 def test_a_server_that_is_down_stops_training_before_it_starts(tmp_path, spawn):

@@ -4,7 +4,6 @@ import csv
 import io
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -16,8 +15,9 @@ from typer.testing import CliRunner
 from stages import params
 from stages import train as train_module
 from stages.cli import app
-from stages.core import checkpoint, tracking
+from stages.core import checkpoint
 from stages.core.checkpoint import INFERENCE_KEYS, RESUME_KEYS, CheckpointError
+from stages.core.runlog import RunLog
 from stages.data.stream import Resident
 from stages.engine.device import Speed
 from stages.engine.distributed import Dist
@@ -39,7 +39,7 @@ def run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)
     return tmp_path
 
 
@@ -74,23 +74,6 @@ def test_model_pt_holds_exactly_the_inference_keys_and_loads_for_inference(run_d
         assert probs.shape == (40, 4)
         torch.testing.assert_close(probs.sum(1), torch.ones(40))
     assert trained.classes == ["c0", "c1", "c2", "c3"] and trained.crop_size == 12
-
-
-def test_the_checkpoint_report_logs_holds_only_the_inference_keys(run_dir):
-    from stages.report import _log_checkpoint
-
-    write_params(run_dir, epochs=1)
-    train_module.train(params.load("params.yaml"))
-    full = checkpoint.load(Path("out/train/last.pt"))  # with optimizer, RNG, history, ...
-    with tracking.run(run_id=full["mlflow_run_id"]) as run:
-        _log_checkpoint(full, run.info.run_id)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=full["mlflow_run_id"], artifact_path="checkpoint/model.pt"
-    )
-    logged = checkpoint.load(Path(local))
-    assert set(logged) == {"format", *INFERENCE_KEYS}
-    torch.testing.assert_close(logged["model"], full["model"])
-    assert load_trained(Path(local), "cpu").classes == ["c0", "c1", "c2", "c3"]
 
 
 def poison(monkeypatch, step: int) -> None:

@@ -18,6 +18,7 @@ from stages import params
 from stages import train as train_module
 from stages.cli import app
 from stages.core import checkpoint
+from stages.core.runlog import RunLog
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
@@ -42,7 +43,7 @@ def runs(root: Path) -> int:
 @pytest.fixture
 def quiet(monkeypatch):
     """In-process runs skip the slow MLflow model export (a subprocess test covers it)."""
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)
 
 
 def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):

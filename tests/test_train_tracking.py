@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -11,13 +12,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from train_helpers import make_processed, write_params
 
 from stages import params
 from stages import train as train_module
+from stages.commands.ensemble import load_member
 from stages.commands.predict import predict
-from stages.core import runlog, tracking
+from stages.core import checkpoint, runlog, tracking
 from stages.data.writer import digest
 from stages.engine import serving
 
@@ -43,7 +46,7 @@ def _only_run() -> mlflow.entities.Run:
 def test_skipped_images_from_preprocess_are_a_metric_of_the_run(store, monkeypatch):
     info_file = store / "out" / "processed" / "info.json"
     info_file.write_text(json.dumps(json.loads(info_file.read_text()) | {"skipped_images": 3}))
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)  # slow, not needed
+    monkeypatch.setattr(runlog.RunLog, "model", lambda *args: None)  # slow, not needed
     train_module.train(params.load("params.yaml"))
     assert _only_run().data.metrics["data_skipped_images"] == 3
 
@@ -54,7 +57,7 @@ def test_run_is_named_tagged_and_logs_only_what_it_used(store, monkeypatch):
     a constant 0; both splits are dataset inputs with their digests; system metrics were
     sampled once per epoch."""
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-pogo")
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setattr(runlog.RunLog, "model", lambda *args: None)
     p = params.load("params.yaml")
     train_module.train(p)
 
@@ -123,44 +126,53 @@ def test_logged_model_is_named_registered_and_answers_for_image_files(store, cap
     assert answer["classes"].tolist() == [[name for name, _ in e.top] for e in expected]
     assert len(answer.loc[0, "classes"]) == 4  # top 5 of 4 classes: all of them
 
-
-def test_experiment_made_before_the_tags_gets_them(store):
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.create_experiment("convnet-pipeline")
-    tracking.setup()
-    tags = mlflow.get_experiment_by_name("convnet-pipeline").tags
-    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # `convnet ensemble RUN_ID` reads the logged model's checkpoint: model.pt, as it was.
+    member = load_member(run.info.run_id, "cpu")
+    saved = checkpoint.load(store / "out/train/model.pt")
+    assert set(member.state) == set(saved) == {"format", *checkpoint.INFERENCE_KEYS}
+    torch.testing.assert_close(member.state["model"], saved["model"])
 
 
-def test_a_moved_repository_keeps_writing_inside_itself(tmp_path, monkeypatch):
-    """The default store (mlflow.db, mlartifacts/) moves with the repository: the next run
-    writes its artifacts inside the new place, the old runs' artifacts still open there, and
-    nothing is written to (or re-created at) the old path."""
-    old, new = tmp_path / "repo", tmp_path / "moved repo"  # a space: percent-encoded in URIs
+def test_a_copied_repository_stops_in_one_line_instead_of_writing_into_the_old_one(
+    tmp_path, monkeypatch
+):
+    """MLflow keeps the absolute artifact path of the repository's own store (mlflow.db,
+    mlartifacts/): in a copy of the repository, training stops before its work with one line
+    naming the old path and where to read how to move a store; nothing is written under the
+    old path and the store is unchanged."""
+    old, new = tmp_path / "repo", tmp_path / "copied repo"  # a space: percent-encoded in URIs
     old.mkdir()
     make_processed(old)
     write_params(old, epochs=1)
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setattr(runlog.RunLog, "model", lambda *args: None)
     monkeypatch.chdir(old)
     train_module.train(params.load("params.yaml"))
-    old.rename(new)
+    shutil.copytree(old, new)
+    shutil.rmtree(new / "out/train")
     monkeypatch.chdir(new)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # set by MLflow itself (for subprocesses)
-    train_module.train(params.load("params.yaml"))  # the last run finished: a new run
+    before = {root: _files(root) for root in (old, new)}
 
-    assert not old.exists()
-    uri = f"sqlite:///{new}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("convnet-pipeline")
-    assert experiment.artifact_location == (new / "mlartifacts").as_uri()
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2
-    for run in runs:
-        assert run.info.artifact_uri.startswith((new / "mlartifacts").as_uri() + "/")
-        local = client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))
-        assert Path(local).read_text().startswith("epoch,")
+    with pytest.raises(tracking.TrackingError) as stopped:
+        train_module.train(params.load("params.yaml"))
+    message = str(stopped.value)
+    assert "\n" not in message and f"keeps its artifacts in {old}/mlartifacts" in message
+    assert "new runs would write outside the repository" in message
+    assert "docs/troubleshooting.md" in message
+    assert {root: _files(root) for root in (old, new)} == before  # the store too
+    assert not (new / "out/train").exists()
+
+    # The way out docs/troubleshooting.md gives first: the old path leads to the new place.
+    shutil.rmtree(old)
+    old.symlink_to(new)
+    train_module.train(params.load("params.yaml"))
+    assert len(list((new / "mlartifacts").rglob("history.csv"))) == 2  # the copied run's too
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}
 
 
 # Any of these makes MLflow skip telemetry by itself (mlflow.telemetry.utils): the test's
@@ -192,7 +204,8 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, setting, 
 def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypatch, capsys):
     """The store locked as training ends: model.pt and history.csv are written all the same;
     the last line names what the run lacks; `log_pending` (`convnet log-pending`) writes it
-    later, the model from a copy of model.pt kept beside the pending log."""
+    later, the model from a copy of model.pt kept beside the pending log. What evaluate could
+    not add to the run meanwhile waits after the training's records, and never ends the run."""
     monkeypatch.setattr(runlog, "WAIT_SECONDS", 3)  # a minute in use
     lock = sqlite3.connect(store / "mlflow.db", isolation_level=None, check_same_thread=False)
     finish = train_module._finish
@@ -207,7 +220,6 @@ def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypat
     finally:
         lines = capsys.readouterr().out.strip().splitlines()
         lock.execute("ROLLBACK")
-        lock.close()
     assert "history.csv, mean.png, the model and its end (FINISHED): the store" in lines[-1]
     assert "`convnet log-pending` logs them" in lines[-1]
     assert (store / "out/train/model.pt").exists() and (store / "out/train/history.csv").exists()
@@ -215,11 +227,20 @@ def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypat
     assert pending.with_suffix(".model.pt").exists()
     (store / "out/train/model.pt").unlink()  # e.g. replaced by another training meanwhile
 
+    with runlog.run_log(None, pending.stem, attach=True) as evaluation:  # the store answers
+        lock.execute("BEGIN EXCLUSIVE")  # then it does not
+        evaluation.batch("the evaluate metrics", metrics={"ten_crop_top1": 0.5})
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert evaluation.run_id == pending.stem
+    saved = json.loads(pending.read_text())["records"]
+    assert [r["what"] for r in saved[-2:]] == ["its end (FINISHED)", "the evaluate metrics"]
+
     [line] = runlog.log_pending(serving.package)
-    assert line.endswith("history.csv, mean.png, the model and its end (FINISHED)")
+    assert line.endswith("the model, its end (FINISHED) and the evaluate metrics")
     assert not (store / "out/train/mlflow-pending").exists()
     run = _only_run()
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.metrics["ten_crop_top1"] == 0.5
     files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"history.csv", "mean.png"} <= files
     [model] = mlflow.search_logged_models(

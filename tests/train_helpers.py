@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.data.writer import digest
 from stages.params import Params, TrainParams, compose, from_dict, yaml_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,9 @@ def make_processed(
     (out / "mean.png").write_bytes(b"")
     (out / "classes.json").write_text(json.dumps([f"c{i}" for i in range(k)]))
     info = {"dataset": dataset, "image_size": size, "num_classes": k,
-            "train_count": n_train, "val_count": n_val, "std": [60.0, 60.0, 60.0]}  # fmt: skip
+            "train_count": n_train, "val_count": n_val, "std": [60.0, 60.0, 60.0],
+            "digests": {"train": digest(train_x, train_y),
+                        "val": digest(val_x, val_y)}}  # fmt: skip
     (out / "info.json").write_text(json.dumps(info))
     return out
 

@@ -1,8 +1,8 @@
 """The `ensemble` command: average several models' softmax on the validation set.
 
-Members are checkpoint files or MLflow run ids (the report stage stores a weights-only copy of
-the checkpoint in its run, under checkpoint/model.pt). Each member sees the crops it was
-trained for; probabilities (optionally over 10 crops) are averaged with equal weight.
+Members are checkpoint files or the MLflow run ids of trainings (the model a training logs
+carries its checkpoint, model.pt). Each member sees the crops it was trained for; probabilities
+(optionally over 10 crops) are averaged with equal weight.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from stages.data.processed import load_processed
 from stages.engine.inference import topk_accuracy
 from stages.engine.model import Trained, load_trained
 
-RUN_CHECKPOINT = "checkpoint/model.pt"  # where report logs the checkpoint in a training run
-
 
 def load_member(member: str, device: str = "auto") -> Trained:
-    """The checkpoint file `member`, or the checkpoint stored in the MLflow run `member`.
+    """The checkpoint file `member`, or the checkpoint of the model MLflow run `member` logged.
 
-    A run's checkpoint is downloaded into a temporary folder that goes once it is loaded
-    (MLflow's own default is a temporary folder it never removes). A store that does not answer
-    is one line within seconds.
+    The logged model (stages.engine.serving: a pyfunc whose artifact `checkpoint` is model.pt)
+    is downloaded into a temporary folder that goes once it is loaded (MLflow's own default is
+    a temporary folder it never removes). A store that does not answer is one line within
+    seconds.
     """
     path = Path(member)
     if path.exists():
@@ -38,20 +37,17 @@ def load_member(member: str, device: str = "auto") -> Trained:
 
     tracking.setup()
     with tempfile.TemporaryDirectory() as folder, tracking.answering():
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=member, artifact_path=RUN_CHECKPOINT, dst_path=folder
-            )
-        except (mlflow.exceptions.MlflowException, OSError) as err:
-            code = getattr(err, "error_code", "")
-            if code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", ""):
-                raise  # the store failing: answering says so
-            first = tracking.cause(err)[:160]
+        run = tracking.find_run(member)
+        logged = [o.model_id for o in run.outputs.model_outputs] if run and run.outputs else []
+        if not logged:
             raise PipelineError(
-                f"{member}: neither a checkpoint file nor an MLflow run with {RUN_CHECKPOINT}"
-                f" (runs get one from `convnet report`): {first}"
-            ) from None
-        return load_trained(Path(local), device)
+                f"{member}: neither a checkpoint file nor an MLflow run with a logged model"
+                f" ({'no such run' if run is None else 'the run logged none'} in"
+                f" {tracking.tracking_uri()}; a training logs its model when it ends)"
+            )
+        local = mlflow.artifacts.download_artifacts(f"models:/{logged[-1]}", dst_path=folder)
+        flavor = mlflow.models.Model.load(local).flavors["python_function"]
+        return load_trained(Path(local) / flavor["artifacts"]["checkpoint"]["path"], device)
 
 
 def average_proba(

@@ -14,7 +14,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no display
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from stages.core import paths, tracking
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_dir
+from stages.core.runlog import run_log
 from stages.data.augment import augment, augment_options
 from stages.data.processed import load_processed
 from stages.engine.device import resolve_device
@@ -140,11 +140,12 @@ def lr_find(p: Params, start: float = 1e-6, end: float = 10.0, steps: int = 100)
         plot(result, out / "lr_find.png", title)
     tags = tracking.run_tags(p.dataset, p.model, "stages/commands/lrfind.py") | {"kind": "lr-find"}
     name = f"lr-find/{tracking.run_name(p.dataset, p.model)}"
-    with tracking.run(run_name=name, tags=tags) as run, tracking.writing():
-        run_id = run.info.run_id
-        mlflow.log_params(p.tracked() | {"lr_find.start": start, "lr_find.end": end}, run_id=run_id)
-        mlflow.log_metric("suggested_lr", result.suggestion, run_id=run_id)
-        mlflow.log_artifacts(str(paths.LR_FIND), artifact_path="lr_find", run_id=run_id)
+    with run_log(None, run_name=name, tags=tags) as log:
+        params = p.tracked() | {"lr_find.start": start, "lr_find.end": end}
+        log.batch(
+            "the params and result", params=params, metrics={"suggested_lr": result.suggestion}
+        )
+        log.artifacts(paths.LR_FIND, "lr_find")
     print(
         f"lr-find: {len(result.lrs)} steps from {start:g} to {result.lrs[-1]:.3g};"
         f" suggested train.lr = {result.suggestion:.3g} (plot: {paths.LR_FIND}/lr_find.png)"

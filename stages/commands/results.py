@@ -178,9 +178,7 @@ def _row(key: tuple[str, str], run: Run, client: MlflowClient) -> Row:
         wall = (end - start) / 1000 if end and start else None
     metrics = {k: run.data.metrics[k] for k, _ in COLUMNS[2:7] if k in run.data.metrics}
     return Row(
-        # The device the run trained on (tag), else what params asked for (runs before the tag).
-        key[0], key[1], metrics, epochs, wall,
-        run.data.tags.get("device") or params.get("train.device", ""),
+        key[0], key[1], metrics, epochs, wall, run.data.tags.get("device", ""),
         run.info.run_name or "", run.info.run_id,
     )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""MLflow: where the store lives, creating it safely, and the lifecycle of one run.
+"""MLflow: where the store lives, checking and creating it safely, and how runs are named.
 
 The store is `sqlite:///$DVC_ROOT/mlflow.db` with artifacts in `$DVC_ROOT/mlartifacts`: DVC sets
 DVC_ROOT to the main repository even for queued and --temp experiments, whose own workspace is
@@ -6,17 +6,18 @@ deleted afterwards, so every run lands in one place. Outside DVC the current dir
 root. MLFLOW_TRACKING_URI, when set, wins; a server keeps the artifacts itself.
 
 Every stage checks at its start that the store answers (`setup`), and stops with one line if it
-does not. A training then writes through `stages.core.runlog.RunLog`, which never lets the
-store stop it; the other stages write at once inside `run`.
+does not; then it writes through `stages.core.runlog.run_log`, which never lets the store stop it.
+Only MLflow's public API is used: its own tables are never written to directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-import sqlite3
 import subprocess
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import mlflow
 import psutil
 import torch
 
-from stages.core.errors import PipelineError, held
+from stages.core.errors import PipelineError
 from stages.core.files import write_trouble
 
 EXPERIMENT = "convnet-pipeline"
@@ -48,6 +49,15 @@ QUICK_HTTP = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
 }
+# How long an existing store may take to answer `setup`'s first question: MLflow itself waits
+# 20 s per statement on a locked sqlite file, and a server that hangs may never answer.
+PROBE_SECONDS = 10
+THREADS = "mlflow-"  # the names of this project's threads that talk to the store begin so
+# MLflow's and urllib3's own messages about the failures of those threads (a traceback per
+# attempt) are dropped: the writer says once that the store fails, and when it is back; the
+# probe's failure is the stage's one line.
+for _name in ("mlflow.store.db.utils", "urllib3.connectionpool", "mlflow.utils.rest_utils"):
+    logging.getLogger(_name).addFilter(lambda record: not record.threadName.startswith(THREADS))
 
 
 class TrackingError(PipelineError):
@@ -82,11 +92,14 @@ def _fix(uri: str, reason: str) -> str:
     elsewhere = "or point MLFLOW_TRACKING_URI at another store"
     said = reason.lower()
     if uri.startswith(("http:", "https:")):
-        return f"start the server, {elsewhere}"
+        hangs = "no answer" in said
+        return f"{'restart' if hangs else 'start'} the server, {elsewhere}"
     if not uri.startswith("sqlite:"):
         return f"check it, {elsewhere}"
     if "locked" in said:
         return f"wait for (or stop) the process that holds it, {elsewhere}"
+    if "no answer" in said:
+        return f"another process may hold it locked: wait for (or stop) it, {elsewhere}"
     if "not a database" in said or "malformed" in said:
         return (
             "the file is damaged: move it aside (a new, empty store is made; the runs stay in"
@@ -117,14 +130,27 @@ def answering(uri: str | None = None) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-def _check_sqlite(uri: str) -> None:
-    """Read an existing sqlite store's schema, waiting at most 3 s for a lock: MLflow itself
-    waits 20 s per statement and retries opening a store it cannot read for over a minute."""
-    path = Path(uri.removeprefix("sqlite:///"))
-    if not uri.startswith("sqlite:///") or not path.exists():
-        return  # another kind of store, or a new one
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=3)) as db:
-        db.execute("select count(*) from sqlite_master").fetchone()
+def _probe(uri: str) -> None:
+    """Ask the store for one experiment, waiting at most PROBE_SECONDS for the answer (in a
+    thread left behind if it hangs: it ends with the process)."""
+    answer: list[Exception | None] = []
+
+    def ask() -> None:
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - raised in the stage's thread below
+            answer.append(err)
+        else:
+            answer.append(None)
+
+    thread = threading.Thread(target=ask, name=f"{THREADS}probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if not answer:
+        reason = f"no answer within {PROBE_SECONDS} s"
+        raise TrackingError(f"MLflow store {uri}: {reason}; {_fix(uri, reason)}")
+    if answer[0] is not None:
+        raise answer[0]
 
 
 @contextlib.contextmanager
@@ -149,7 +175,9 @@ def setup() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with answering(uri), _file_lock(root() / ".mlflow.lock"):
-        _check_sqlite(uri)
+        # A new sqlite store is made below, which runs its migrations: seconds under load.
+        if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+            _probe(uri)
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             # A tracking server keeps the artifacts where it is told to (`mlflow server
@@ -158,48 +186,18 @@ def setup() -> str:
             served = uri.startswith(("http:", "https:", "databricks"))
             location = None if served else (root() / "mlartifacts").as_uri()
             return mlflow.create_experiment(name, location, tags=EXPERIMENT_TAGS)
-        if uri == default_uri():
-            _follow_move(uri, experiment.artifact_location)
-        for key, value in EXPERIMENT_TAGS.items():  # a store made before the tags existed
-            if key not in experiment.tags:
-                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        # MLflow records artifact locations as absolute paths and has no API to change them:
+        # the repository's own store, moved or copied, would write into the old place.
+        location = experiment.artifact_location
+        old = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path))
+        own = location.startswith("file:") and old.name == "mlartifacts"
+        if uri == default_uri() and own and old.resolve() != (root() / old.name).resolve():
+            raise TrackingError(
+                f"MLflow store {uri}: keeps its artifacts in {old}, not in this repository (was"
+                " it moved or copied?): new runs would write outside the repository; see"
+                " 'Moving a repository with its MLflow store' in docs/troubleshooting.md"
+            )
         return experiment.experiment_id
-
-
-# Where the sqlite store records artifact paths (MLflow stores them absolute, whatever it is
-# given: a relative location is resolved against the current directory when it is created).
-_LOCATIONS = {
-    "experiments": "artifact_location",
-    "runs": "artifact_uri",
-    "logged_models": "artifact_location",
-    "model_versions": "storage_location",
-}
-
-
-def _follow_move(uri: str, location: str) -> None:
-    """After the repository (with mlflow.db and mlartifacts/) moved or was copied, point every
-    artifact path the store holds at the new place, so that new runs write inside the
-    repository and old runs' artifacts still open, instead of writing to (and re-creating)
-    the old path."""
-    new = root() / "mlartifacts"
-    if not location.startswith("file://") or not location.endswith("/mlartifacts"):
-        return  # not the repository's own layout: leave it as the user made it
-    if location == new.as_uri():
-        return
-    old_uri = location.removesuffix("mlartifacts")  # file:///old/repo/ (percent-encoded)
-    old_path = urllib.parse.unquote(urllib.parse.urlparse(old_uri).path)  # /old/repo/
-    pairs = ((old_uri, root().as_uri() + "/"), (old_path, f"{root()}/"))
-    db = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=20)
-    with contextlib.closing(db), db:  # one transaction
-        for table, column in _LOCATIONS.items():
-            for old, moved in pairs:
-                db.execute(
-                    f"update {table} set {column} = ? || substr({column}, ?)"
-                    f" where substr({column}, 1, ?) = ?",
-                    (moved, len(old) + 1, len(old), old),
-                )
-    print(f"MLflow: the repository moved from {old_path} to {root()}; the store's artifact"
-          " paths now point into it")  # fmt: skip
 
 
 def git_commit() -> str:
@@ -259,17 +257,6 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return metrics
 
 
-def shielded() -> contextlib.AbstractContextManager[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends; wrap every write to the MLflow store.
-
-    An interrupt raised inside a write would leave the sqlite store's transaction open (its
-    session rolls back on Exception only, and interrupts are BaseExceptions): the store stays
-    locked and the run could not even be marked FAILED. Held, the interrupt is raised the
-    moment the block ends.
-    """
-    return held()
-
-
 def find_run(run_id: str, uri: str | None = None) -> mlflow.entities.Run | None:
     """Run `run_id`, or None when the store does not hold it (inside `answering`: a store that
     fails raises)."""
@@ -279,45 +266,3 @@ def find_run(run_id: str, uri: str | None = None) -> mlflow.entities.Run | None:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-
-
-@contextlib.contextmanager
-def writing() -> Iterator[None]:
-    """Write to the store now: Ctrl-C and SIGTERM held (see `shielded`), a store that does not
-    answer one line within seconds (see `answering`)."""
-    with shielded(), answering():
-        yield
-
-
-@contextlib.contextmanager
-def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.entities.Run]:
-    """The run a stage writes to, at once (inside `writing()`, passing its `run_id` to each
-    `mlflow.log_*`): evaluate, report and lr-find, whose writes are few and come after their
-    work is saved. A training uses RunLog instead.
-
-    With `run_id` of a run the store holds (the training's, which evaluate and report add to),
-    that run as it is: it is not reopened, so its status and end stay the training's whatever
-    happens here (an interrupt in one stage never changes another stage's run). Otherwise a new
-    run of this stage (`kwargs` for `mlflow.start_run`), which ends FAILED on any exception,
-    Ctrl-C or SIGTERM, FINISHED otherwise.
-    """
-    active = None
-    try:
-        with shielded():  # an interrupt held here is raised inside `try`: the run ends FAILED
-            experiment_id = setup()
-            with answering():
-                found = find_run(run_id) if run_id else None
-                if found is None:
-                    if run_id:
-                        print(f"MLflow: run {run_id} is not in the store {tracking_uri()} (the"
-                              " model was trained with another); logging to a new run")  # fmt: skip
-                    active = found = mlflow.start_run(experiment_id=experiment_id, **kwargs)
-        yield found
-    except BaseException:
-        if active is not None:
-            with shielded(), contextlib.suppress(PipelineError), answering():
-                mlflow.end_run("FAILED")
-        raise
-    if active is not None:
-        with writing():
-            mlflow.end_run("FINISHED")

@@ -10,8 +10,7 @@ afterwards.
 decode_blocks is how preprocess decodes many files (Tiny ImageNet's 120,000 JPEGs, your own image
 folders): worker processes each decode a chunk of files and send back one (n, size, size, 3)
 block, which preprocess writes straight into its output file (stages.data.writer), so memory
-holds a few chunks in flight whatever the number of files. decode_files collects the blocks into
-one array in memory, for small sets and benchmarks/preprocess_decode.py.
+holds a few chunks in flight whatever the number of files.
 
 Complete JPEGs that need no resizing (Tiny ImageNet) go through torchvision.io.decode_jpeg, a
 whole chunk per call: the same libjpeg-turbo as PIL, identical pixels (checked by the tests and
@@ -32,7 +31,6 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +45,6 @@ CHUNK = 256  # files per task: large enough to amortise IPC, small enough for a 
 # by the centre square the result is cut from (see `_region`).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 Box = tuple[float, float, float, float]  # left, top, right, bottom, in source pixels
-
-
-@dataclass
-class Decoded:
-    """Decoded images in file order, with the files that could not be decoded left out."""
-
-    images: np.ndarray  # (N_ok, size, size, 3) uint8
-    kept: np.ndarray  # (N_ok,) int64 indices into the input list
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 def available_cores() -> int:
@@ -352,27 +341,3 @@ def decode_blocks(
             raise
         pool.close()  # every task done: the workers exit on their own
         pool.join()
-
-
-def decode_files(
-    files: Sequence[str | Path],
-    size: int,
-    *,
-    fit: bool = False,
-    workers: int = 0,
-    desc: str = "decode",
-) -> Decoded:
-    """Decode `files` into one (N, size, size, 3) uint8 array in memory (for a few thousand
-    images; preprocess writes blocks straight to disk instead, stages.data.writer).
-
-    Files that fail to decode are listed in `.bad` and left out of `.images`; the caller decides
-    whether that is fatal.
-    """
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
-    bad: list[tuple[int, str]] = []
-    for start, block, block_bad in decode_blocks(files, size, fit=fit, workers=workers, desc=desc):
-        out[start : start + len(block)] = block
-        bad += block_bad
-    bad.sort()
-    kept = np.setdiff1d(np.arange(len(files)), [i for i, _ in bad])
-    return Decoded(images=out[kept], kept=kept, bad=[(str(files[i]), why) for i, why in bad])
