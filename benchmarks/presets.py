@@ -2,6 +2,7 @@
 its images/s, and the projected time of its whole recipe.
 
     python benchmarks/presets.py --processed PATH/out/processed [--steps 200] [--presets a,b]
+        [--variant train.precision=fp32 --variant train.precision=bf16 ...]
 
 PATH is a workspace where `dvc repro preprocess` (or `python -m stages preprocess -S
 dataset=tiny-imagenet`) ran on the real set. For each recipe of conf/recipe/ whose dataset is
@@ -11,6 +12,9 @@ steps by the engine's own loop (stages.engine.loop.train_one_epoch, --steps/10 b
 time) on the real training set.
 Prints the mean loss of each tenth of the steps (falling: it learns), the training images/s, and
 epochs x 100,000 images / that rate: the recipe's training time here (validation not counted).
+With --variant (a comma-separated list of overrides, given once per variant), each preset runs
+once per variant, the variants of a preset one after the other, so their ratio is measured under
+the same load.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def bench(name: str, processed: Path, steps: int) -> str:
-    composed = params_module.compose(REPO / "conf", [f"recipe={name}", "train.device=cpu"])
+def bench(name: str, processed: Path, steps: int, variant: str) -> str:
+    overrides = [o for o in variant.split(",") if o]
+    composed = params_module.compose(
+        REPO / "conf", [f"recipe={name}", "train.device=cpu", *overrides]
+    )
     p = params_module.from_dict(composed)
     data = load_processed(p.preprocess_inputs(), folder=processed)
     torch.manual_seed(p.seed)
@@ -57,8 +64,8 @@ def bench(name: str, processed: Path, steps: int) -> str:
     recipe = p.train.epochs * len(data.train_labels) / rate
     falling = "falling" if losses[-1] < losses[0] else "NOT falling"
     return (
-        f"| {name} | {p.model} | {p.train.batch_size} | {p.train.epochs} | {rate:,.1f} |"
-        f" {' '.join(f'{v:.2f}' for v in losses)} ({falling}) | {hours(recipe)} |"
+        f"| {name} | {variant or '-'} | {p.model} | {p.train.batch_size} | {p.train.epochs} |"
+        f" {rate:,.1f} | {' '.join(f'{v:.2f}' for v in losses)} ({falling}) | {hours(recipe)} |"
     )
 
 
@@ -69,6 +76,10 @@ def main() -> None:
     ap.add_argument(
         "--presets", default="", help="comma-separated (default: every Tiny ImageNet one)"
     )
+    ap.add_argument(
+        "--variant", action="append", default=[],
+        help="comma-separated overrides (e.g. train.precision=bf16); repeat to compare variants",
+    )  # fmt: skip
     a = ap.parse_args()
     recipes = sorted(f.stem for f in (REPO / "conf" / "recipe").glob("*.yaml"))
     names = a.presets.split(",") if a.presets else [
@@ -76,11 +87,12 @@ def main() -> None:
         if params_module.compose(REPO / "conf", [f"recipe={n}"])["dataset"] == "tiny-imagenet"
     ]  # fmt: skip
     print(f"{a.steps} steps each, {torch.get_num_threads()} threads, {a.processed}")
-    print("| preset | model | batch | epochs | images/s | loss per tenth of the steps |"
+    print("| preset | variant | model | batch | epochs | images/s | loss per tenth of the steps |"
           " recipe's training time here |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
-        print(bench(name, a.processed, a.steps), flush=True)
+        for variant in a.variant or [""]:
+            print(bench(name, a.processed, a.steps, variant), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Shared by every test module."""
+"""Shared by every test module; the helpers themselves are in tests/helpers/."""
 
 import os
 
+import mlflow
 import pytest
+from helpers import processes
+from helpers.processes import clone
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,6 +13,14 @@ def _cache_of_the_session(tmp_path_factory):
     """Training measures speed settings and keeps them in the user's cache folder: the tests
     keep theirs in a folder of the session's, never in the home folder."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _store_template(tmp_path_factory):
+    """One migrated, empty MLflow store for the session (see processes.with_store)."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    processes.STORE_TEMPLATE = db
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +32,10 @@ def _environment_restored():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple:
+    """A fresh git repository of this checkout, reduced (see processes.clone), and its env."""
+    dest = tmp_path_factory.mktemp("clone")
+    return dest, clone(dest)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from train_helpers import params_from
+from helpers.fabricate import params_from
 
 from stages.data.augment import augment, augment_options
 from stages.report import augmentation_views

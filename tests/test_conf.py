@@ -8,8 +8,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers.fabricate import make_processed
+from helpers.processes import with_store
 from ruamel.yaml import YAML
-from train_helpers import make_processed
 from typer.testing import CliRunner
 
 import nets
@@ -102,9 +103,9 @@ def test_a_choice_on_the_command_line_beats_the_recipe():
 def test_every_recipe_trains_two_steps(name, tmp_path, monkeypatch):
     p = params.from_dict(params.compose(CONF, [f"recipe={name}", *TINY]))
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
-    make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 8, k=4, dataset=p.dataset)
+    make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 8, dataset=p.dataset)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.setattr(RunLog, "model", lambda *args: None)  # slow, not needed
     metrics = train_module.train(p)
     assert 0 <= metrics["val_top1"] <= 1

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import remote_data
+from helpers.fabricate import params_from
+from helpers.remote_data import Route, closed_port_url, serve
 from PIL import Image
 from scipy import ndimage
-from train_helpers import params_from
 
 from stages.core.errors import PipelineError
 from stages.data import fetch
@@ -24,8 +26,6 @@ from stages.data.writer import BadImagesError
 from stages.download import download
 from stages.params import ParamsError
 from stages.preprocess import preprocess
-from tests import fakes
-from tests.fakes import Route, closed_port_url, serve
 
 OUT = Path("out/processed")
 ANNOTATIONS = "tiny-imagenet-200/val/val_annotations.txt"
@@ -42,7 +42,7 @@ def workspace(tmp_path, monkeypatch):
 def use_files(monkeypatch, dataset: str, files: dict[str, bytes]) -> None:
     """Point the table's entry at fabricated files (same names, their own checksums)."""
     spec = SOURCES[dataset]
-    entries = tuple(fakes.remote(f.name, files[f.name]) for f in spec.files)
+    entries = tuple(remote_data.remote(f.name, files[f.name]) for f in spec.files)
     monkeypatch.setitem(SOURCES, dataset, dataclasses.replace(spec, files=entries))
 
 
@@ -73,19 +73,19 @@ def run_stages(dataset: str, files: dict[str, bytes], **options) -> list:
 
 
 def test_tiny_imagenet(monkeypatch):
-    fake = fakes.tiny_imagenet()
+    fake = remote_data.tiny_imagenet()
     files = {"tiny-imagenet-200.zip": fake.archive}
     use_files(monkeypatch, "tiny-imagenet", files)
     log = run_stages("tiny-imagenet", files)
     assert [path for path, _ in log] == ["/mirror/tiny-imagenet-200.zip"]
 
-    expect_train = np.stack([fakes.decoded(data) for data, _ in fake.train])  # (N, 64, 64, 3)
+    expect_train = np.stack([remote_data.decoded(data) for data, _ in fake.train])  # (N, 64, 64, 3)
     assert np.array_equal(load("train_images.npy"), expect_train)  # grey JPEGs -> 3 channels
     assert load("train_labels.npy").tolist() == [label for _, label in fake.train]
-    assert np.array_equal(load("val_images.npy"), [fakes.decoded(d) for d, _ in fake.val])
+    assert np.array_equal(load("val_images.npy"), [remote_data.decoded(d) for d, _ in fake.val])
     assert load("val_labels.npy").tolist() == [label for _, label in fake.val]
     # The unlabelled test set is kept apart, with its file names.
-    assert np.array_equal(load("test_images.npy"), [fakes.decoded(d) for _, d in fake.test])
+    assert np.array_equal(load("test_images.npy"), [remote_data.decoded(d) for _, d in fake.test])
     assert json.loads((OUT / "test_files.json").read_text()) == [n for n, _ in fake.test]
     assert json.loads((OUT / "classes.json").read_text()) == fake.names
     info = json.loads((OUT / "info.json").read_text())
@@ -96,7 +96,7 @@ def test_tiny_imagenet(monkeypatch):
 
 
 def test_cifar10(monkeypatch):
-    archive, images, labels = fakes.cifar10()
+    archive, images, labels = remote_data.cifar10()
     files = {"cifar-10-binary.tar.gz": archive}
     use_files(monkeypatch, "cifar10", files)
     run_stages("cifar10", files)
@@ -108,7 +108,7 @@ def test_cifar10(monkeypatch):
 
 
 def test_mnist(monkeypatch):
-    fabricated = fakes.mnist_files()
+    fabricated = remote_data.mnist_files()
     files = {name: body for name, (body, _) in fabricated.items()}
     use_files(monkeypatch, "mnist", files)
     run_stages("mnist", files)
@@ -123,7 +123,7 @@ def test_mnist(monkeypatch):
 
 
 def test_archive_in_data_dir_is_used_without_network(monkeypatch):
-    archive, images, _ = fakes.cifar10()
+    archive, images, _ = remote_data.cifar10()
     use_files(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     Path("data").mkdir()
     Path("data/cifar-10-binary.tar.gz").write_bytes(archive)
@@ -135,7 +135,7 @@ def test_archive_in_data_dir_is_used_without_network(monkeypatch):
 
 
 def test_wrong_checksum_leaves_no_raw_output(monkeypatch):
-    archive, _, _ = fakes.cifar10()
+    archive, _, _ = remote_data.cifar10()
     use_files(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     routes = {"/cifar-10-binary.tar.gz": Route(archive[:-10])}
     with serve(routes) as srv, pytest.raises(PipelineError, match="gave a file with md5"):
@@ -145,7 +145,7 @@ def test_wrong_checksum_leaves_no_raw_output(monkeypatch):
 
 
 def test_archive_with_parent_member_is_refused(monkeypatch):
-    archive = fakes.tar_gz_bytes({"cifar-10-batches-bin/x.bin": b"1", "../escape.txt": b"2"})
+    archive = remote_data.tar_gz_bytes({"cifar-10-batches-bin/x.bin": b"1", "../escape.txt": b"2"})
     use_files(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     refused = pytest.raises(UnsafeArchiveError, match="'../escape.txt' would be written outside")
     with serve({"/cifar-10-binary.tar.gz": Route(archive)}) as srv, refused:
@@ -155,7 +155,7 @@ def test_archive_with_parent_member_is_refused(monkeypatch):
 
 
 def test_truncated_jpeg_fails_naming_it_or_is_skipped_and_counted(monkeypatch):
-    fake = fakes.tiny_imagenet(truncate="train/n01443537/images/n01443537_1.JPEG")
+    fake = remote_data.tiny_imagenet(truncate="train/n01443537/images/n01443537_1.JPEG")
     files = {"tiny-imagenet-200.zip": fake.archive}
     use_files(monkeypatch, "tiny-imagenet", files)
     with pytest.raises(BadImagesError, match=r"1 file\(s\) could not be decoded: .*n01443537_1"):
@@ -168,15 +168,15 @@ def test_truncated_jpeg_fails_naming_it_or_is_skipped_and_counted(monkeypatch):
     assert info["train_count"] == len(fake.train) - 1
     assert "n01443537_1.JPEG" in (OUT / "skipped.txt").read_text()
     kept = [pair for i, pair in enumerate(fake.train) if i != 1]  # sorted order: index 1 is cut
-    assert np.array_equal(load("train_images.npy"), [fakes.decoded(d) for d, _ in kept])
+    assert np.array_equal(load("train_images.npy"), [remote_data.decoded(d) for d, _ in kept])
     assert load("train_labels.npy").tolist() == [label for _, label in kept]
 
 
 def _tiny_with(monkeypatch, change):
-    fake = fakes.tiny_imagenet()
+    fake = remote_data.tiny_imagenet()
     members = dict(fake.members)
     change(members)
-    files = {"tiny-imagenet-200.zip": fakes.zip_bytes(members)}
+    files = {"tiny-imagenet-200.zip": remote_data.zip_bytes(members)}
     use_files(monkeypatch, "tiny-imagenet", files)
     return files
 

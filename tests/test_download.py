@@ -12,14 +12,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from train_helpers import full_params
+from helpers.fabricate import full_params
+from helpers.remote_data import Route, closed_port_url, remote, serve, tar_gz_bytes, zip_bytes
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.data import fetch
 from stages.data.fetch import FetchError, UnsafeArchiveError, extract
 from stages.params import yaml_text
-from tests.fakes import Route, closed_port_url, remote, serve, tar_gz_bytes, zip_bytes
 
 BODY = bytes(range(256)) * 400  # 100 KiB, several read chunks when CHUNK is small
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ import resource, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_FSIZE, (10240, 10240))
 from stages.data import fetch
-from tests.fakes import remote
+from helpers.remote_data import remote
 fetch.CHUNK = 4096
 try:
     folder = Path(sys.argv[2])
@@ -220,7 +220,7 @@ def test_a_file_size_limit_is_not_taken_for_a_dropped_connection(tmp_path):
     with serve({"/a.bin": Route(BODY)}) as srv:
         result = subprocess.run(
             [sys.executable, "-c", LIMITED, srv.base, str(tmp_path)], capture_output=True,
-            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}"),
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(

@@ -9,11 +9,6 @@ MLflow store that every one of them must have written to (the copy's root, even 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.processes import sh
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -28,52 +24,6 @@ from stages.params import compose, load, yaml_text
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def sh(*cmd: str, cwd: Path, env: dict, timeout: int = 600, quiet: bool = False) -> str:
-    """Run `cmd`; its stdout. `quiet`: it must also print no warning (DVC's, Python's)."""
-    result = subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    if quiet:
-        said = result.stdout + result.stderr
-        assert "WARNING" not in said and "Warning:" not in said, f"{' '.join(cmd)}:\n{said}"
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> tuple[Path, dict]:
-    """A fresh git repository holding this checkout's files (committed or not), reduced config."""
-    dest = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    for name in files:
-        # Outputs of stages run by hand in this checkout are not the repository's files.
-        if (ROOT / name).is_file() and not name.startswith("out/"):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    # Every experiment composes conf/: its report draws fewer pictures of fewer channels.
-    config = dest / "conf/config.yaml"
-    text = config.read_text()
-    for key, small in (("num_images", 4), ("augment_images", 8), ("ascent_steps", 2),
-                       ("max_channels", 4)):  # fmt: skip
-        text, found = re.subn(rf"(?m)^(  {key}:) \d+", rf"\1 {small}", text)
-        assert found == 1, key
-    config.write_text(text)
-    reduced = compose(dest / "conf", ["model=logreg", "train.epochs=2", "train.batch_size=256"])
-    (dest / "params.yaml").write_text(yaml_text(reduced))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t")
-    env["GIT_COMMITTER_EMAIL"] = "t@t"
-    sh("git", "init", "-q", "-b", "main", cwd=dest, env=env)
-    sh("git", "add", "-A", cwd=dest, env=env)
-    sh("git", "commit", "-q", "-m", "pipeline", cwd=dest, env=env)
-    return dest, env
 
 
 def runs(repo: Path) -> list:
@@ -106,7 +56,7 @@ def test_repro_then_experiments_land_in_one_mlflow_store(repo):
     # ... and the next experiment gets exactly what it gets on a fresh clone: nothing leaks.
     sh("dvc", "exp", "run", "-S", "model=mlp", "-S", "train.epochs=2", cwd=path, env=env,
        quiet=True)  # fmt: skip
-    fresh = yaml_text(compose(ROOT / "conf", ["model=mlp", "train.epochs=2"]))
+    fresh = yaml_text(compose(path / "conf", ["model=mlp", "train.epochs=2"]))
     assert (path / "params.yaml").read_text() == fresh
     # The experiment's params and results are in the workspace now; no .dvc file was written.
     changed = sh("git", "status", "--porcelain", cwd=path, env=env)

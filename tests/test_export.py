@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fabricate
 import numpy as np
 import pytest
 import torch
+from helpers import fabricate
+from helpers.fabricate import make_processed, write_params
+from helpers.processes import with_store
 from PIL import Image
-from train_helpers import make_processed, write_params
 from typer.testing import CliRunner
 
 import nets
@@ -105,7 +106,7 @@ def test_a_trained_checkpoint_through_the_command_answers_as_predict(tmp_path, m
     make_processed(tmp_path)
     write_params(tmp_path, epochs=1)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setattr(RunLog, "model", lambda *args: None)  # not needed here
     train_module.train(params.load("params.yaml"))

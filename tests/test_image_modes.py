@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fabricate
 import numpy as np
 import pytest
+from helpers import fabricate
 from PIL import Image, features
 
 from stages.data import images as imaging

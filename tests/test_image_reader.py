@@ -9,11 +9,11 @@ import sys
 import zlib
 from pathlib import Path
 
-import fabricate
 import numpy as np
 import pytest
+from helpers import fabricate
+from helpers.fabricate import params_from
 from PIL import Image
-from train_helpers import params_from
 
 from stages.commands.predict import predict
 from stages.core import paths

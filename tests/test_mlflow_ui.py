@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from train_helpers import make_processed, write_params
+from helpers.fabricate import make_processed, write_params
 
 from stages import evaluate, params, train
 
@@ -43,6 +43,7 @@ def store(tmp_path_factory):
     return uri, mlflow.get_experiment_by_name("convnet-pipeline").experiment_id
 
 
+@pytest.mark.slow
 def test_chart_view_shows_both_runs_curves_and_10_crop_results(store, tmp_path):
     uri, experiment_id = store
     with screenshots.mlflow_ui(uri) as url, screenshots.chromium() as driver:

@@ -5,7 +5,6 @@ the sampling that makes it so, checked in-process."""
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,8 @@ import mlflow
 import psutil
 import pytest
 import torch
-from test_train_faults import METRICS, env, history
-from train_helpers import SLOW_EPOCH, setup
+from helpers.fabricate import SLOW_EPOCH, setup
+from helpers.processes import METRICS, env, free_port, history
 
 from stages.core import checkpoint
 from stages.data.augment import augment
@@ -24,12 +23,6 @@ from stages.engine.distributed import Dist
 
 # Every random draw of the loop (crop, flip, vertical flip, brightness, cutout) in play.
 TRAIN = {"epochs": 2, "optimizer": "sgd", "pad": 2, "brightness": 0.3, "cutout": 3, "vflip": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ranks_slices_of_a_global_batch_augment_like_the_whole_batch():
@@ -101,6 +94,7 @@ def assert_same_training(root: Path, reference: Path) -> None:
             assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
 
 
+@pytest.mark.slow
 def test_two_nodes_train_one_model_like_one_process(tmp_path):
     """Each node in its own folder with its own processed data (no shared filesystem): the
     results land on rank 0's node alone."""

@@ -38,6 +38,11 @@ BAD = [
     ("train.lr=inf", "train.lr: must be a finite number, got inf"),
     ("train.weight_decay=nan", "train.weight_decay: must be a finite number, got nan"),
     ("seed=-1", "seed: must be in [0, 4294967295], got -1"),
+    ("train.lr=-1", "train.lr: must be positive"),
+    ("train.epochs=many", "train.epochs: must be an integer, got 'many'"),
+    ("train.device=cuda:7x", "train.device: must be"),
+    ("train.epochs", "expected KEY=VALUE"),
+    ("report.pictures=[selfie]", "report.pictures: must be one of: predictions"),
     ("train.warmup_epochs=16", "train.warmup_epochs: is 16 but train.epochs is 15"),
     # Augmentation bounded by the crop it works on.
     ("train.cutout=15", "train.cutout: is 15 but train.crop_size is 28: use at most 14"),
@@ -163,6 +168,7 @@ def test_a_warmup_as_long_as_training_is_allowed():
         ("train: {lr: 0.1, lr: 0.2}\n", 'duplicate key "lr"'),
         ("train: [unclosed\n", "bad.yaml: not valid YAML: line 2, column 1: expected ',' or ']'"),
         ("seed: 0\ntrain: [1, 2]\n\tbad: tab\n", "bad.yaml: not valid YAML: line 3"),
+        ("- 1\n- 2\n", "bad.yaml: must be a mapping"),
     ],
 )
 def test_file_errors_are_one_line_naming_the_file_once(tmp_path, monkeypatch, text, message):
@@ -173,6 +179,16 @@ def test_file_errors_are_one_line_naming_the_file_once(tmp_path, monkeypatch, te
     assert result.output.splitlines() == [result.output.strip()]
     assert message in result.output and result.output.count("bad.yaml") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make, message", [(None, "bad.yaml: not found"),
+                                           (Path.mkdir, "bad.yaml: not a file")])  # fmt: skip
+def test_a_params_file_that_is_missing_or_a_folder_is_named(tmp_path, monkeypatch, make, message):
+    monkeypatch.chdir(tmp_path)
+    if make:
+        make(tmp_path / "bad.yaml")
+    result = CliRunner().invoke(app, ["train", "--params", "bad.yaml"])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_the_same_key_in_two_sections_is_not_a_duplicate(tmp_path):

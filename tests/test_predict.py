@@ -2,9 +2,9 @@
 
 import re
 
-import fabricate
 import numpy as np
 import pytest
+from helpers import fabricate
 from PIL import Image
 from typer.testing import CliRunner
 

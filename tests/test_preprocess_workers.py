@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ def stage(root: Path, name: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, **popen)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_successful_preprocess_prints_no_worker_traceback(tmp_path):
     folder_set(tmp_path, per_class=300)  # 600 files: 3 chunks, both workers busy
     shutil.copy(REPO / "params.yaml", tmp_path)
@@ -47,6 +49,7 @@ def test_a_successful_preprocess_prints_no_worker_traceback(tmp_path):
         assert "preprocess: folder: 480 train + 120 val images of 32px, 2 classes" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_decoding_is_one_line_from_the_parent(tmp_path):
     folder_set(tmp_path, per_class=1500)  # long enough to be interrupted while decoding
     shutil.copy(REPO / "params.yaml", tmp_path)

@@ -2,9 +2,9 @@
 
 from urllib.error import URLError
 
-import fabricate
 import pytest
 import torch
+from helpers import fabricate
 from torchvision import models as tvm
 
 import nets

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import params_from
+from helpers import fabricate
+from helpers.fabricate import params_from
+from helpers.processes import with_store
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.data.processed import load_processed
 from stages.download import download
 from stages.preprocess import preprocess
-from tests import fabricate
 
 
 def shapes_params(**overrides):
@@ -43,7 +44,7 @@ def test_preprocess_records_the_params_that_made_the_data(tmp_path, monkeypatch)
 def test_stages_refuse_data_made_from_another_dataset(tmp_path, monkeypatch, command):
     """out/processed from shapes, params saying digits: one line naming both, exit 1."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     fabricate.processed(tmp_path)
     fabricate.save_checkpoint(tmp_path / "out/train/model.pt", fabricate.model())
     info_path = tmp_path / "out/processed/info.json"

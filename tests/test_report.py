@@ -1,9 +1,10 @@
 """Saliency, filter pictures and the report stage, on crafted models and fabricated outputs."""
 
-import fabricate
 import mlflow
 import pytest
 import torch
+from helpers import fabricate
+from helpers.processes import with_store
 from torch import nn
 
 from stages.core import paths
@@ -140,7 +141,7 @@ def test_receptive_field_and_gradient_ascent_excite_their_channel():
 def pipeline_outputs(tmp_path, monkeypatch):
     """A fabricated run: processed data, checkpoint tied to an MLflow run, history, predictions."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     from stages.core.runlog import run_log
 

@@ -10,17 +10,18 @@ import time
 
 import mlflow
 import pytest
+from helpers.processes import with_store
+from helpers.remote_data import closed_port_url
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.core.runlog import run_log
-from tests.fakes import closed_port_url
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return tmp_path
@@ -129,6 +130,7 @@ def test_csv_parses_filters_apply_and_out_gets_a_copy(store):
 
 
 def test_no_finished_run_is_one_line_and_exit_1(store):
+    (store / "mlflow.db").unlink()
     result = invoke()  # no store at all: none is created by looking
     assert result.exit_code == 1
     assert result.stdout == ""

@@ -18,15 +18,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import fabricate
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import fabricate
+from helpers.fabricate import make_processed, write_params
+from helpers.processes import with_store
 from mlflow.exceptions import MlflowException
 from mlflow.types import DataType
 from PIL import Image
-from train_helpers import make_processed, write_params
 
 from stages import params
 from stages import train as train_module
@@ -48,7 +49,7 @@ def png(pixels: np.ndarray) -> bytes:
 def logged(tmp_path, monkeypatch) -> tuple[mlflow.pyfunc.PyFuncModel, Path, str]:
     """The fabricated alexnet checkpoint logged as the pyfunc a training logs: the model loaded
     back, the checkpoint, the model's URI."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     ckpt = tmp_path / "model.pt"
     fabricate.save_checkpoint(ckpt, fabricate.model())
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

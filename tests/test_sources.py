@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import params_from
+from helpers import remote_data
+from helpers.fabricate import params_from
+from helpers.remote_data import closed_port_url
 
 from stages.core.errors import PipelineError
 from stages.data import fetch
@@ -28,8 +30,6 @@ from stages.data.sources import (
 from stages.data.sources.base import pad_and_stack
 from stages.download import download
 from stages.preprocess import preprocess
-from tests import fakes
-from tests.fakes import closed_port_url
 
 OUT = Path("out/processed")
 
@@ -90,11 +90,11 @@ def extract_into_data(members: dict[str, bytes], change=None) -> None:
 SMALL = tiny_imagenet.Layout(classes=3, train_per_class=4, val_per_class=2, test=3)
 
 
-def extract_tiny(monkeypatch, change=None) -> fakes.TinyImageNet:
+def extract_tiny(monkeypatch, change=None) -> remote_data.TinyImageNet:
     """The fabricated set written to data/tiny-imagenet-200/ as a user who unzipped it has it
     (with a macOS .DS_Store or two), and its counts made the official ones."""
     monkeypatch.setattr(tiny_imagenet, "OFFICIAL", SMALL)
-    fake = fakes.tiny_imagenet()
+    fake = remote_data.tiny_imagenet()
     members = dict(fake.members)
     members["tiny-imagenet-200/.DS_Store"] = b"\0"
     members["tiny-imagenet-200/train/n01443537/images/.DS_Store"] = b"\0"
@@ -108,10 +108,10 @@ def test_tiny_imagenet_extracted_in_data_is_used_offline(monkeypatch, capsys):
     download(p)
     assert "using data/tiny-imagenet-200 from data/" in capsys.readouterr().out
     preprocess(p)
-    assert np.array_equal(load("train_images.npy"), [fakes.decoded(d) for d, _ in fake.train])
+    assert np.array_equal(load("train_images.npy"), [remote_data.decoded(d) for d, _ in fake.train])
     assert load("train_labels.npy").tolist() == [label for _, label in fake.train]
-    assert np.array_equal(load("val_images.npy"), [fakes.decoded(d) for d, _ in fake.val])
-    assert np.array_equal(load("test_images.npy"), [fakes.decoded(d) for _, d in fake.test])
+    assert np.array_equal(load("val_images.npy"), [remote_data.decoded(d) for d, _ in fake.val])
+    assert np.array_equal(load("test_images.npy"), [remote_data.decoded(d) for _, d in fake.test])
     assert Path("data/tiny-imagenet-200/wnids.txt").exists()  # the user's copy stays
 
 
@@ -163,8 +163,8 @@ def test_tiny_imagenet_extracted_copy_that_differs_is_refused(monkeypatch, chang
 
 def extract_cifar(monkeypatch, change=None):
     monkeypatch.setattr(cifar10, "PER_BATCH", 5)
-    archive, images, labels = fakes.cifar10(per_batch=5)
-    members = fakes.tar_members(archive)
+    archive, images, labels = remote_data.cifar10(per_batch=5)
+    members = remote_data.tar_members(archive)
     extract_into_data(members, change)
     return images, labels
 
@@ -210,7 +210,7 @@ def test_cifar10_extracted_copy_that_differs_is_refused(monkeypatch, change, mes
 
 def extract_mnist(monkeypatch, gzipped: bool = False):
     monkeypatch.setattr(mnist, "COUNTS", {"train": 12, "t10k": 5})
-    fabricated = fakes.mnist_files()
+    fabricated = remote_data.mnist_files()
     Path("data").mkdir()
     for name, (body, _) in fabricated.items():
         if gzipped:
@@ -296,7 +296,7 @@ def test_imagenet64_from_data_dir(monkeypatch, tmp_path, form):
         else:
             members = {name: (made / name).read_bytes() for name in names}
             Path("data").mkdir(exist_ok=True)
-            Path("data", archive).write_bytes(fakes.zip_bytes(members))
+            Path("data", archive).write_bytes(remote_data.zip_bytes(members))
     p = offline("imagenet64")
     download(p)
     preprocess(p)

@@ -8,10 +8,12 @@ import json
 
 import pytest
 import torch
+from helpers.processes import with_store
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import nets
+from stages.core.runlog import RunLog
 from stages.engine import device as device_module
 from stages.engine.device import Speed, cached_rates, resolve_speed, step_rates
 
@@ -136,7 +138,7 @@ def test_bf16_training_keeps_weights_optimizer_state_norm_statistics_and_ema_in_
 # With AMX faked on a CPU without it, the bf16 candidates run emulated: slow.
 @pytest.mark.parametrize("flags", [AVX2, pytest.param(AMX, marks=pytest.mark.slow)])
 def test_the_train_stage_says_what_it_chose_and_why(flags, tmp_path, monkeypatch, capsys):
-    from train_helpers import make_processed, write_params
+    from helpers.fabricate import make_processed, write_params
 
     from stages import params
     from stages import train as train_module
@@ -145,8 +147,8 @@ def test_the_train_stage_says_what_it_chose_and_why(flags, tmp_path, monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     make_processed(tmp_path, n_train=32, n_val=8)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(train_module, "_log_model", lambda *args: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
+    monkeypatch.setattr(RunLog, "model", lambda *args: None)  # no MLflow model: not measured
     small = ["net.fc_width=16"]
     write_params(tmp_path, "alexnet", epochs=1, precision="auto", memory_format="auto")
     train_module.train(params.load("params.yaml", small))  # 2 steps: not worth measuring
@@ -164,7 +166,7 @@ def test_the_train_stage_says_what_it_chose_and_why(flags, tmp_path, monkeypatch
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "adagrad"])
 def test_optimizers_are_fused_and_step_as_the_plain_loop_does(kind):
     """Fused kernels are a speed change only: the same steps as torch's per-tensor loop."""
-    from train_helpers import train_settings
+    from helpers.fabricate import train_settings
 
     from stages.engine.optim import make_optimizer
 

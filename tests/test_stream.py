@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_processed, params_from
+from helpers.fabricate import make_processed, params_from
+from helpers.processes import with_store
 
 from stages import train as train_module
 from stages.core.runlog import RunLog
@@ -64,7 +65,7 @@ def test_a_file_cut_short_is_an_error_in_the_training_thread(tmp_path):
 def test_a_set_over_the_budget_streams_and_trains_the_same_weights(tmp_path, monkeypatch, capsys):
     make_processed(tmp_path, n_train=64, n_val=16, size=16)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.setattr(RunLog, "model", lambda *args: None)
     train = {"crop_size": 12, "epochs": 2, "batch_size": 16, "device": "cpu", "resume": False,
              "brightness": 0.2}  # fmt: skip

@@ -26,16 +26,13 @@ import mlflow
 import numpy as np
 import psycopg2
 import pytest
-import test_end_to_end
+from helpers.processes import free_port, sh
 from PIL import Image
-from test_end_to_end import sh
-from test_multinode import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
 import screenshots  # noqa: E402  (docs/screenshots.py: starts and stops `mlflow ui`)
 
 pytestmark = pytest.mark.slow
-repo = test_end_to_end.repo  # the same reduced clone: logreg, 2 epochs, committed in git
 METRICS = {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "ten_crop_top1", "ten_crop_top5", "single_crop_top1", "single_crop_top5"}  # fmt: skip
 

@@ -2,13 +2,14 @@
 
 import re
 
-import fabricate
 import numpy as np
 import pytest
 import torch
+from helpers import fabricate
+from helpers.fabricate import full_params
+from helpers.processes import with_store
 from PIL import Image
 from torch import nn
-from train_helpers import full_params
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -43,7 +44,7 @@ def test_lr_find_command_writes_plot_and_logs_a_run(tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     fabricate.processed(tmp_path)
     partial = {"train": {"crop_size": 12, "batch_size": 8}}
@@ -84,7 +85,7 @@ def test_ensemble_of_two_copies_equals_the_single_model(tmp_path, monkeypatch):
 
 def test_ensemble_member_that_is_neither_file_nor_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     fabricate.processed(tmp_path)
     result = CliRunner().invoke(app, ["ensemble", "0123456789abcdef", "--device", "cpu"])
     assert result.exit_code == 1

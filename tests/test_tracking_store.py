@@ -22,7 +22,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from train_helpers import SLOW_EPOCH, setup
+from helpers.fabricate import SLOW_EPOCH, setup
+from helpers.processes import env, free_port
 
 from stages.core.tracking import PROBE_SECONDS
 
@@ -31,14 +32,6 @@ CURVES = ("train_loss", "val_top1", "system/cpu_utilization_percentage")
 # A training of 15 s or more, so the store fails while training still runs, however late the
 # test reads its output.
 LONG = {"n_train": SLOW_EPOCH, "epochs": 60}
-
-
-def env(root: Path, uri: str | None = None, **extra: str) -> dict[str, str]:
-    e = dict(os.environ, PYTHONPATH=str(REPO), **extra)
-    e["MLFLOW_TRACKING_URI"] = uri or f"sqlite:///{root}/mlflow.db"
-    for key in ("WORLD_SIZE", "DVC_ROOT", "DVC_EXP_NAME"):
-        e.pop(key, None)
-    return e
 
 
 class Command:
@@ -120,12 +113,6 @@ def locked(db: Path) -> Iterator[None]:
         con.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`mlflow server` on 127.0.0.1:`port` over a sqlite store in `folder`; stop() ends its
     whole process group, start() brings it back on the same port and store."""
@@ -202,6 +189,7 @@ def assert_complete(root: Path, uri: str, epochs: int, status: str = "FINISHED")
         assert model.source_run_id == run.info.run_id and model.name == "digits-mlp"
 
 
+@pytest.mark.slow
 def test_a_sqlite_store_locked_for_10_s_mid_training_costs_nothing(tmp_path, spawn):
     """Training goes on while another process holds the store (MLflow alone blocked it, then
     failed after 20 s); every epoch's metrics reach the run once the lock is gone."""
@@ -218,6 +206,7 @@ def test_a_sqlite_store_locked_for_10_s_mid_training_costs_nothing(tmp_path, spa
     assert_complete(root, f"sqlite:///{root}/mlflow.db", LONG["epochs"])
 
 
+@pytest.mark.slow
 def test_an_mlflow_server_stopped_and_restarted_mid_training_costs_nothing(tmp_path, spawn):
     root = tmp_path / "served"
     setup(root, **LONG)
@@ -239,6 +228,7 @@ def test_an_mlflow_server_stopped_and_restarted_mid_training_costs_nothing(tmp_p
         assert_complete(root, store.url, LONG["epochs"])
 
 
+@pytest.mark.slow
 def test_what_the_store_never_took_is_logged_later_by_log_pending(tmp_path, spawn):
     """Ctrl-C while the store is locked: the run cannot even be marked FAILED. A second Ctrl-C
     stops waiting; the last line names what the run lacks and the command that logs it."""
@@ -289,6 +279,7 @@ def _refused_at_start(spawn, root: Path, environ: dict[str, str], *reasons: str)
     return line
 
 
+@pytest.mark.slow
 def test_a_corrupt_or_locked_sqlite_store_stops_training_before_it_starts(tmp_path, spawn):
     root = tmp_path / "corrupt"
     setup(root)
@@ -328,8 +319,34 @@ def test_a_store_that_never_answers_is_one_line_once_the_probe_gives_up(tmp_path
     )
 
 
+@pytest.mark.slow
 def test_a_server_that_is_down_stops_training_before_it_starts(tmp_path, spawn):
     root = tmp_path / "down"
     setup(root)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     _refused_at_start(spawn, root, env(root, url), "[Errno 111] Connection refused; start the")
+
+
+def test_a_store_left_mid_write_by_a_killed_process_is_rolled_back_and_used(tmp_path, monkeypatch):
+    """A process killed while it wrote to mlflow.db leaves a hot journal: the next stage's check
+    rolls the half-done write back (as sqlite does for any writer) and goes on, where a
+    read-only look at the file fails with 'attempt to write a readonly database'."""
+    from stages.core import tracking
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    first = tracking.setup()
+    half_done = (  # pages spill to the file mid-transaction; the process dies before commit
+        "import os, sqlite3\n"
+        f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size=1'); db.execute('BEGIN')\n"
+        "db.execute('CREATE TABLE half(x)')\n"
+        "db.executemany('INSERT INTO half VALUES (?)', [(os.urandom(500),)] * 2000)\n"
+        "os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", half_done]).returncode == 9
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # hot: the write was cut short
+    assert tracking.setup() == first
+    tables = {name for (name,) in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert "half" not in tables and "experiments" in tables

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.fabricate import CLASSES, make_processed, train_settings, write_params
+from helpers.processes import with_store
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from train_helpers import make_processed, train_settings, write_params
 from typer.testing import CliRunner
 
 from stages import params
@@ -37,7 +38,7 @@ def run_dir(tmp_path, monkeypatch):
     the slow MLflow model export is skipped."""
     make_processed(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setattr(RunLog, "model", lambda *args: None)
     return tmp_path
@@ -73,7 +74,7 @@ def test_model_pt_holds_exactly_the_inference_keys_and_loads_for_inference(run_d
         probs = trained.predict(images, crops=1)
         assert probs.shape == (40, 4)
         torch.testing.assert_close(probs.sum(1), torch.ones(40))
-    assert trained.classes == ["c0", "c1", "c2", "c3"] and trained.crop_size == 12
+    assert trained.classes == CLASSES and trained.crop_size == 12
 
 
 def poison(monkeypatch, step: int) -> None:

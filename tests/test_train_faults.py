@@ -1,7 +1,5 @@
 """The training engine's faults: SIGKILL + resume, determinism, NaN stop, bad checkpoint, DDP."""
 
-import csv
-import os
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import SLOW_EPOCH, setup
+from helpers.fabricate import SLOW_EPOCH, setup
+from helpers.processes import METRICS, env, history, with_store
 from typer.testing import CliRunner
 
 from stages import params
@@ -19,20 +18,6 @@ from stages import train as train_module
 from stages.cli import app
 from stages.core import checkpoint
 from stages.core.runlog import RunLog
-
-REPO = Path(__file__).resolve().parents[1]
-METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
-
-
-def env(root: Path) -> dict:
-    e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", PYTHONPATH=str(REPO))
-    e.pop("WORLD_SIZE", None)
-    return e
-
-
-def history(root: Path) -> list[dict]:
-    with open(root / "out/train/history.csv", newline="") as f:
-        return [{k: float(r[k]) for k in ("epoch", *METRICS)} for r in csv.DictReader(f)]
 
 
 def runs(root: Path) -> int:
@@ -46,6 +31,7 @@ def quiet(monkeypatch):
     monkeypatch.setattr(RunLog, "model", lambda *args: None)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     for root in (full, killed):
@@ -90,7 +76,7 @@ def test_same_seed_same_metrics_and_changed_params_start_fresh(tmp_path, monkeyp
         root = tmp_path / name
         setup(root, epochs=2, brightness=0.3, cutout=3, vflip=True, optimizer="adamw")
         monkeypatch.chdir(root)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(root)}")
         results.append(train_module.train(params.load("params.yaml")))
     for key in METRICS:
         assert results[0][key] == results[1][key], key
@@ -103,7 +89,7 @@ def test_nan_loss_stops_with_epoch_step_lr_and_keeps_last_good(tmp_path, monkeyp
     root = tmp_path / "nan"
     setup(root, epochs=3, schedule="constant")
     monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(root)}")
     calls = {"n": 0}
     real = train_module.make_loss
 
@@ -138,6 +124,7 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch)
     assert "train.resume=false" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_one_run_one_checkpoint(tmp_path):
     root = tmp_path / "ddp"
     setup(root, epochs=2, sync_batchnorm=True)

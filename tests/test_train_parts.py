@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from helpers.fabricate import train_settings
 from torch import nn
-from train_helpers import train_settings
 
 from stages.data.augment import augment
 from stages.engine.device import resolve_speed

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.fabricate import CLASSES, make_processed, write_params
+from helpers.processes import with_store
 from PIL import Image
-from train_helpers import make_processed, write_params
 
 from stages import params
 from stages import train as train_module
@@ -33,7 +34,7 @@ def store(tmp_path, monkeypatch):
     make_processed(tmp_path)
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     return tmp_path
 
@@ -108,7 +109,7 @@ def test_logged_model_is_named_registered_and_answers_for_image_files(store, cap
     )
     assert model.name == "digits-mlp"
     info = mlflow.models.get_model_info(f"models:/{model.model_id}")
-    assert info.metadata["classes"] == ["c0", "c1", "c2", "c3"]
+    assert info.metadata["classes"] == CLASSES
     assert "column `image`" in info.metadata["input"]
     version = mlflow.MlflowClient().get_latest_versions("convnet-digits-mlp")[0]
     assert version.run_id == run.info.run_id
