@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pandas as pd
 import pytest
 from helpers import fabricate
 from helpers.fabricate import make_processed, write_params
-from helpers.processes import with_store
+from helpers.processes import free_port, with_store
 from mlflow.exceptions import MlflowException
 from mlflow.types import DataType
 from PIL import Image
@@ -141,12 +140,6 @@ def test_a_bad_image_or_param_is_one_line_naming_it(logged, tmp_path):
             model.predict(pd.DataFrame(data), params=extra)
         assert info.value.error_code == "INVALID_PARAMETER_VALUE"
         assert message in info.value.message and "\n" not in info.value.message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from PIL import Image
 
 from stages.data.sources import RemoteFile
 
+from .processes import free_port
+
 
 @dataclass
 class Route:
@@ -89,10 +91,7 @@ def serve(routes: dict[str, Route]) -> Iterator[Server]:
 
 def closed_port_url() -> str:
     """An address on 127.0.0.1 where nothing listens: what 'no network' looks like."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def remote(name: str, body: bytes, url: str = "http://example.invalid/") -> RemoteFile:
