@@ -15,7 +15,7 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence[float]  # what torch.as_tensor 
 # Option types the families annotate their builders with (nets.options_model checks them).
 Dropout = Annotated[float, Field(ge=0, lt=1)]  # the probability of zeroing a unit (1: all)
 Activation = Literal["relu", "prelu"]  # what make_act builds
-Init = Literal["classic", "default"]  # the names in INITS
+Init = Literal["classic", "keras", "default"]  # the names in INITS
 
 
 class InputNorm(nn.Module):
@@ -112,7 +112,12 @@ _WEIGHT_INITS = {
 }
 
 # The `init` option of the families: name -> (conv scheme, linear scheme).
-INITS = {"classic": ("he", "xavier"), "default": ("default", "default")}
+# keras: Glorot-uniform everywhere, as Keras initialises its layers (nets built as Keras does).
+INITS = {
+    "classic": ("he", "xavier"),
+    "keras": ("xavier", "xavier"),
+    "default": ("default", "default"),
+}
 
 
 def init_weights(

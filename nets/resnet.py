@@ -4,7 +4,8 @@ torchvision's class is reused rather than rewritten so the state-dict keys match
 pretrained weights everywhere except conv1 (useful for transfer learning later). Its stem (7x7
 stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one conv of stride
 `stem_stride` (3x3, or stride x stride patches beyond stride 3) and no max-pool, as in the CIFAR
-ResNets.
+ResNets. `resnet50-keras` keeps torchvision's (and Keras's) ImageNet stem, for comparison with
+Keras write-ups that train ResNet50 on 32 px images.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from nets import register
-from nets.common import init_weights
+from nets.common import Dropout, init_weights
 
 
 def _resnet(
@@ -78,3 +79,20 @@ def resnet50(
 ) -> nn.Module:
     """ResNet-50: Bottleneck x (3, 4, 6, 3)."""
     return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
+
+
+@register("resnet50-keras")
+def resnet50_keras(
+    num_classes: int,
+    image_size: int,
+    *,
+    dropout: Dropout = 0.5,
+) -> nn.Module:
+    """ResNet-50 as Keras builds it: the ImageNet stem (7x7 stride-2 convolution and 3x3
+    stride-2 max-pool, so a 32 px image reaches the last stage as 1x1), global average pooling,
+    dropout, one dense layer. Keras's and torchvision's ResNet-50 differ only in where the
+    bottleneck strides (Keras: the first 1x1 convolution, torchvision: the 3x3)."""
+    model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    init_weights(model.fc, linear="xavier")
+    model.fc = nn.Sequential(nn.Dropout(dropout), model.fc)  # (B, 2048) -> (B, C)
+    return model

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -29,13 +30,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import Interrupted
-from stages.core.files import atomic_path, only_one
+from stages.core.files import atomic_path, only_one, write_json
 from stages.core.runlog import RunLog, run_log
 from stages.data.augment import center_crop
 from stages.data.processed import Processed, load_processed
 from stages.data.sources import SOURCES
 from stages.data.stream import Resident, Streamed
-from stages.engine import distributed, pretrained, serving
+from stages.engine import distributed, pretrained, provenance, serving
 from stages.engine.device import (
     Speed,
     cached_rates,
@@ -314,7 +315,8 @@ def _log_start(
     resumes after, or (fresh) the images preprocess skipped, if any."""
     world = run.dist.world
     device = str(run.speed.device) + (f" x {world}" if world > 1 else "")
-    tags = {"device": device, "precision": run.speed.precision}
+    ran_with = provenance.describe(run.speed, world)
+    tags = {k: str(v) for k, v in ran_with.items()} | {"device": device}
     if resumed_from is not None:  # params and data were logged before the interruption
         log.batch("the tags", tags=tags | {"resumed_from_epoch": resumed_from})
         # A kill (SIGKILL, a node lost) takes the metrics still queued with it: last.pt's
@@ -358,16 +360,26 @@ def _inference(params: Params, data: Processed, run: RunState) -> checkpoint.Inf
 
 
 def _finish(params: Params, data: Processed, run: RunState, log: RunLog) -> None:
-    """The stage's outputs: model.pt, history.csv (as after the last epoch),
-    then last.pt marked complete (a kill in between resumes straight to here); then the MLflow
+    """The stage's outputs: model.pt, history.csv (as after the last epoch), run.json (what
+    it ran with, the sum of its epoch times, the machine's load), then last.pt marked complete
+    (a kill in between resumes straight to here); then the MLflow
     artifacts and model are queued: model.pt's network as the run's MLflow model
     `<dataset>-<model>` (registered as `convnet-<dataset>-<model>` with train.register_model)."""
     run.complete = True
     model = _inference(params, data, run).to_dict()
     checkpoint.save(paths.CHECKPOINT, model)
     _write_history(run.history)
+    seconds = sum(float(row["epoch_seconds"]) for row in run.history)
+    # The load average says whether the time was measured on a machine busy with other work.
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    write_json(
+        paths.RUN_INFO,
+        provenance.describe(run.speed, run.dist.world)
+        | {"epochs": run.epoch, "train_seconds": round(seconds, 1), "load_average": load},
+    )
     checkpoint.save(paths.LAST, model | run.state_dict())
     log.artifact(paths.HISTORY)
+    log.artifact(paths.RUN_INFO)
     mean_png = paths.PROCESSED / "mean.png"
     if mean_png.is_file():  # a picture only: processed data made without it still train
         log.artifact(mean_png)

@@ -16,6 +16,8 @@ PREDICTIONS = EVALUATE / "predictions.csv"  # evaluate: (actual, predicted) per 
 
 CHECKPOINT = TRAIN / "model.pt"
 HISTORY = TRAIN / "history.csv"
+# train: what the run ran with (commit, lock, machine, resolved speed settings) and its time
+RUN_INFO = TRAIN / "run.json"
 REPORT = OUT / "report"  # report: saliency, filters, augmentation preview, confused pairs
 LR_FIND = OUT / "lr_find"  # lr-find command: the range test's curve and suggested rate
 LAST = TRAIN / "last.pt"  # every epoch: resume point (outside DVC's outs, survives a kill)
