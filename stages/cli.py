@@ -241,6 +241,48 @@ def results(
     _guard(lambda: command(dataset, model, as_csv, out))
 
 
+@app.command()
+def record(
+    name: str = typer.Argument(..., help="The record's name: records/NAME.json."),
+) -> None:
+    """Keep the workspace's last run as records/NAME.json: its metrics, params, dvc.lock
+    entries, commit, lock file, machine, speed settings, time and the one command that repeats
+    it; then rewrite the results tables of README.md and docs/ (`convnet tables`)."""
+    from stages.commands.records import record as command
+    from stages.commands.records import tables
+
+    def action() -> None:
+        typer.echo(f"record: wrote {command(name)}")
+        for doc in tables():
+            typer.echo(f"record: rewrote the tables of {doc}")
+
+    _guard(action)
+
+
+@app.command("tables")
+def tables_command(
+    check: bool = typer.Option(
+        False, "--check", help="Only say which files' tables differ from records/; exit 1 if any."
+    ),
+) -> None:
+    """Rewrite every results table of README.md and docs/*.md from records/ (a table sits
+    between `<!-- records: PATTERN -->` and `<!-- end records -->`)."""
+    from stages.commands.records import RecordError, tables
+
+    def action() -> None:
+        stale = tables(check=check)
+        if check and stale:
+            raise RecordError(
+                f"tables differ from records/ in {', '.join(map(str, stale))}: `convnet tables`"
+            )
+        typer.echo(
+            "\n".join(f"tables: {'stale' if check else 'rewrote'} {d}" for d in stale)
+            or "tables: all match records/"
+        )
+
+    _guard(action)
+
+
 @app.command("log-pending")
 def log_pending() -> None:
     """Log to MLflow what a training could not while the store failed (out/train/mlflow-pending)."""

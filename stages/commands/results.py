@@ -19,41 +19,13 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from stages.commands import published
 from stages.core import tracking
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_path, output_file
 
 SQLITE = "sqlite:///"
 
-
-@dataclass(frozen=True)
-class Reference:
-    """A published top-1 (and top-5 when reported), in percent, and where it comes from."""
-
-    top1: float
-    top5: float | None
-    source: str
-
-
-# Published results from scratch; keys are (dataset, model). Tiny ImageNet: 200 classes, 64 px.
-REFERENCES: dict[tuple[str, str], Reference] = {
-    ("tiny-imagenet", "logreg"): Reference(
-        3.0, None, "CS231n Tiny ImageNet project results: softmax regression on pixels, ~3%"
-    ),
-    ("tiny-imagenet", "mlp"): Reference(
-        8.0, None, "CS231n Tiny ImageNet project results: one hidden layer of 1,024 ReLU, ~8%"
-    ),
-    ("tiny-imagenet", "vgg16"): Reference(
-        52.0, 77.0, "CS231n Tiny ImageNet project results: VGG-16 for 64 px images, 52% / 77%"
-    ),
-    ("tiny-imagenet", "alexnet"): Reference(
-        45.0, None, "CS231n Tiny ImageNet project results: AlexNet with PReLU, ~45% top-1"
-    ),
-    # Downsampled ImageNet 64x64 (1,000 classes).
-    ("imagenet64", "resnet50"): Reference(
-        71.9, None, "cs-giung/giung2-jax: ResNet-50 on ImageNet 64x64, 100 epochs, 71.9% top-1"
-    ),
-}
 
 # (CSV column, Markdown header); accuracies and gaps in percent / points.
 COLUMNS = [
@@ -91,10 +63,11 @@ class Row:
     device: str
     run_name: str
     run_id: str
+    params: dict[str, str]  # the run's params as MLflow keeps them (flat, as text)
 
     @property
-    def reference(self) -> Reference | None:
-        return REFERENCES.get((self.dataset, self.model))
+    def reference(self) -> published.Reference | None:
+        return published.lookup(self.dataset, self.model, self.params)
 
     def values(self) -> dict[str, float | int | str | None]:
         """The row by CSV column: accuracies in percent, gaps and the gain in points."""
@@ -179,7 +152,7 @@ def _row(key: tuple[str, str], run: Run, client: MlflowClient) -> Row:
     metrics = {k: run.data.metrics[k] for k, _ in COLUMNS[2:7] if k in run.data.metrics}
     return Row(
         key[0], key[1], metrics, epochs, wall, run.data.tags.get("device", ""),
-        run.info.run_name or "", run.info.run_id,
+        run.info.run_name or "", run.info.run_id, params,
     )  # fmt: skip
 
 
@@ -206,7 +179,8 @@ def _collect(uri: str, experiment: str, datasets: tuple, models: tuple) -> list[
     return [_row(key, best[key], client) for key in sorted(best)]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """`38 s`, `13 min 47 s`, `11 h 06 min`."""
     s = round(seconds)
     if s < 60:
         return f"{s} s"
@@ -221,7 +195,7 @@ def _cell(key: str, value: float | int | str | None) -> str:
     if key.startswith(("gap_", "ten_crop_gain")):
         return f"{value:+.1f}"
     if key == "wall_seconds":
-        return _duration(float(value))
+        return duration(float(value))
     if isinstance(value, float):
         return f"{value:.1f}"
     return str(value).replace("|", "\\|")
@@ -237,7 +211,9 @@ def markdown(rows: list[Row]) -> str:
         values = row.values()
         lines.append("| " + " | ".join(_cell(k, values[k]) for k, _ in COLUMNS) + " |")
     notes = [
-        f"- {row.dataset} {row.model}: {row.reference.source}" for row in rows if row.reference
+        f"- {row.dataset} {row.model}: {row.reference.note}; {row.reference.source.cite()}"
+        for row in rows
+        if row.reference
     ]
     if notes:
         lines += ["", "Published results (gap: our 10-crop minus published, in points):", *notes]
