@@ -12,6 +12,7 @@ import mlflow
 import pytest
 from helpers.processes import with_store
 from helpers.remote_data import closed_port_url
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -164,3 +165,16 @@ def test_a_server_that_does_not_answer_is_one_line_within_seconds(store, monkeyp
     assert result.stderr.startswith(f"error: MLflow store {url}: ")
     assert "Connection refused" in result.stderr and "start the server" in result.stderr
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the bound is not left behind
+
+
+def test_a_nan_score_is_never_the_best_run(store):
+    """A FINISHED run whose 10-crop top-1 is NaN (or infinite) does not hide the real one."""
+    real = log_run("digits", "mlp", 0.96, top5=1.0)
+    client = MlflowClient()
+    for bad in (float("nan"), float("inf")):
+        run_id = log_run("digits", "mlp", None)
+        client.log_metric(run_id, "ten_crop_top1", bad)
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    [row] = table(result.stdout).values()
+    assert row["10-crop top-1"] == "96.0" and row["run"].endswith(real[:8])

@@ -117,13 +117,15 @@ def _finished_runs(uri: str, experiment: str) -> list[Run]:
 def best_runs(runs: list[Run], datasets=(), models=()) -> dict[tuple[str, str], Run]:
     """The run with the highest 10-crop top-1 per (dataset, model); ties go to the latest.
 
-    Runs without 10-crop results (not evaluated) and lr-find runs are left out; `datasets` /
-    `models` keep only those named (empty: all).
+    Runs without a 10-crop result in [0, 1] (not evaluated, NaN, infinite) and lr-find runs are left
+    out; `datasets` / `models` keep only those named (empty: all).
     """
     best: dict[tuple[str, str], Run] = {}
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
-        if tags.get("kind") == "lr-find" or "ten_crop_top1" not in metrics:
+        # An accuracy outside [0, 1] is no result: NaN (which compares false with everything,
+        # so it would stay "best" once held) or infinite (MLflow stores it as the largest float).
+        if tags.get("kind") == "lr-find" or not 0 <= metrics.get("ten_crop_top1", -1) <= 1:
             continue
         key = (tags.get("dataset", ""), tags.get("model", ""))
         if (datasets and key[0] not in datasets) or (models and key[1] not in models):
