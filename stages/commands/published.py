@@ -25,7 +25,9 @@ class Source:
     where: str  # the table, section or line
 
     def cite(self) -> str:
-        return f'{self.author}, "{self.title}" ({self.year}), {self.where}: {self.url}'
+        year = f" ({self.year})" if self.year else ""
+        where = f"{self.where}: {self.url}" if self.url else f"{self.where} (no address known)"
+        return f'{self.author}, "{self.title}"{year}, {where}'
 
 
 @dataclass(frozen=True)

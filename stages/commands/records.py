@@ -191,14 +191,17 @@ def table(records: list[dict]) -> str:
             f" {duration(run['train_seconds'])} | {run['precision']}, {run['memory_format']} |"
             f" {_machine(run)} ({run['load_average'].split()[-1]}) |"
         )
-    lines.append("")
-    lines.append(
+    lines += [
+        "",
         "Records: `records/<name>.json` (" + ", ".join(r["name"] for r in records) + ");"
         " training: the sum of the epochs, validation included; load: the machine's 15-minute"
-        " load average when training ended (2.0 is both cores busy)."
-    )
-    for i, ref in enumerate(cited, 1):
-        lines.append(f"[{i}] {ref.note}: {ref.source.cite()}")
+        " load average when training ended (2.0 is both cores busy).",
+    ]
+    if cited:
+        lines += [
+            "",
+            *(f"- [{i}] {ref.note}: {ref.source.cite()}" for i, ref in enumerate(cited, 1)),
+        ]
     return "\n".join(lines) + "\n"
 
 
