@@ -1,7 +1,8 @@
 """What git tracks: sources and small documents, never a tracking store, a pipeline result or a
 large file. MLflow stores and artifacts (models of tens of MB), stage outputs (DVC caches them)
-and anything over 1 MB belong elsewhere; only the two `cache: false` metrics files DVC compares
-across experiments may be committed from out/.
+and anything over 1 MB belong elsewhere; only the `cache: false` metrics files DVC compares
+across experiments (the evaluation's metrics, what the training ran with) may be committed from
+out/.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_STORES = ("mlruns", "mlflow.db", "mlartifacts")
-COMMITTED_METRICS = {"out/evaluate/metrics.json"}
+COMMITTED_METRICS = {"out/evaluate/metrics.json", "out/train/run.json"}
 MAX_BYTES = 1 << 20
 
 
@@ -71,6 +72,7 @@ def test_the_check_finds_each_kind_of_stray(tmp_path):
         "out/processed/train_images.npy": b"x",
         "out/train/model.pt": b"x",
         "out/evaluate/metrics.json": b"{}",
+        "out/train/run.json": b"{}",
         "docs/big.png": bytes(MAX_BYTES + 1),
         "docs/small.png": bytes(MAX_BYTES),
     }
