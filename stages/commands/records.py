@@ -177,13 +177,13 @@ def table(records: list[dict]) -> str:
         " training | precision | machine (load) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cited: list[published.Reference] = []
+    cited: list[published.Source] = []
     for r in records:
         m, run = r["metrics"], r["run"]
         ref = published.lookup(r["dataset"], r["model"], params_module.flatten(r["params"]))
-        if ref is not None and ref not in cited:
-            cited.append(ref)
-        mark = f"{ref.top1:.2f}% [{cited.index(ref) + 1}]" if ref else ""
+        if ref is not None and ref.source not in cited:
+            cited.append(ref.source)
+        mark = f"{ref.top1:.2f}% [{cited.index(ref.source) + 1}]" if ref else ""
         lines.append(
             f"| `{r['command']}` | {r['model']} | {run['epochs']} |"
             f" {_pct(m['single_crop']['top1'])} |"
@@ -200,7 +200,7 @@ def table(records: list[dict]) -> str:
     if cited:
         lines += [
             "",
-            *(f"- [{i}] {ref.note}: {ref.source.cite()}" for i, ref in enumerate(cited, 1)),
+            *(f"- [{i}] {source.cite()}" for i, source in enumerate(cited, 1)),
         ]
     return "\n".join(lines) + "\n"
 
