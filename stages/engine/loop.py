@@ -84,7 +84,7 @@ def train_one_epoch(
         x = augment(images, generator=run.generator, index=index, within=within, **options)
         with run.speed.autocast():  # x: (B, 3, S, S)
             logits = run.net(run.speed.inputs(x))  # (B, K)
-            loss = run.loss_fn(logits, y.roll(1))
+            loss = run.loss_fn(logits, y)
         loss_sum += loss.detach() * len(y)
         seen += len(y)
         if (step % check == 0 or step == steps - 1) and not torch.isfinite(loss_sum):
