@@ -221,7 +221,9 @@ def test_what_the_store_did_not_take_by_the_end_is_logged_later(store, monkeypat
     finally:
         lines = capsys.readouterr().out.strip().splitlines()
         lock.execute("ROLLBACK")
-    assert "history.csv, run.json, mean.png, the model and its end (FINISHED): the store" in lines[-1]
+    assert (
+        "history.csv, run.json, mean.png, the model and its end (FINISHED): the store" in lines[-1]
+    )
     assert "`convnet log-pending` logs them" in lines[-1]
     assert (store / "out/train/model.pt").exists() and (store / "out/train/history.csv").exists()
     [pending] = (store / "out/train/mlflow-pending").glob("*.json")
