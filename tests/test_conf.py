@@ -108,10 +108,13 @@ def test_every_recipe_trains_two_steps(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
     monkeypatch.setattr(RunLog, "model", lambda *args: None)  # slow, not needed
     metrics = train_module.train(p)
-    assert 0 <= metrics["val_top1"] <= 1
     assert (tmp_path / "out" / "train" / "model.pt").exists()
     [run] = mlflow.search_runs(experiment_names=["convnet-pipeline"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.params["recipe"] == name
+    # Two steps on 8 fabricated images learn nothing to hold a recipe to: val top-1 measured
+    # 0.25 (chance: 1 of 4 images) for 12 of the 15 recipes, 0.5 or 0.75 for the others.
+    # What training must reach is tests/test_learning.py's; here the run logs what it returns.
+    assert run.data.metrics["val_top1"] == metrics["val_top1"]
 
 
 @pytest.fixture

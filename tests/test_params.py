@@ -50,7 +50,7 @@ BAD = [
     # net.*: each option of the chosen model, as its builder declares it.
     ("net.dropout=1.5", "net.dropout: must be in [0, 1), got 1.5"),
     ("net.activation=tanh", "net.activation: must be one of: relu, prelu"),
-    ("net.init=orthogonal", "net.init: must be one of: classic, default"),
+    ("net.init=orthogonal", "net.init: must be one of: classic, keras, default"),
     ("net.stem_stride=2", "net.stem_stride: unknown key; valid keys: activation, batch_norm"),
     ("net=3", "net: must be a mapping, got 3"),
     ("~net.lrn", "net.lrn: missing; alexnet takes small_filters, lrn,"),

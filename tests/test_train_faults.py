@@ -137,6 +137,7 @@ def test_torchrun_two_gloo_processes_one_run_one_checkpoint(tmp_path):
     assert out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
     assert runs(root) == 1
     files = sorted(p.name for p in (root / "out/train").iterdir())
-    assert files == ["best.pt", "history.csv", "last.pt", "model.pt"]
+    assert files == ["best.pt", "history.csv", "last.pt", "model.pt", "run.json"]
     rows = history(root)
-    assert len(rows) == 2 and 0 <= rows[-1]["val_top1"] <= 1
+    # The two ranks learn the fabricated quadrants together: measured 1.0 after each epoch.
+    assert len(rows) == 2 and rows[-1]["val_top1"] >= 0.9
