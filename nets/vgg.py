@@ -19,9 +19,8 @@ from nets.common import Dropout, Init, apply_init
 # Conv widths, "M" = 2x2 max-pool. Another depth is one more line here plus a builder below.
 CFGS: dict[str, tuple[int | str, ...]] = {
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"),
-    "vgg16-keras": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M")
-    + (512, 512, 512, "M"),
 }
+CFGS["vgg16-keras"] = CFGS["vgg16"] + (512, 512, 512, "M")  # configuration D, whole
 
 
 def _features(

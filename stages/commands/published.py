@@ -63,7 +63,7 @@ def references() -> tuple[Reference, ...]:
             when=r.get("when") or {},
             note=r["note"],
             source=sources[r["source"]],
-        )  # fmt: skip
+        )
         for r in data["results"]
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from stages.core import tracking
 from stages.engine.device import BF16_FLAGS, Speed, cpu_flags, cpu_name
 
 LOCK = Path("requirements.lock")  # the pinned environment, at the repository root
@@ -21,14 +22,6 @@ LOCK = Path("requirements.lock")  # the pinned environment, at the repository ro
 CODE = ("stages", "nets", "dvc.yaml", "pyproject.toml", str(LOCK))
 # The flags that decide the CPU's speed settings (BENCHMARKS.md): bf16 in hardware or not.
 SPEED_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS))
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def lock_sha256(path: Path = LOCK) -> str:
@@ -42,9 +35,17 @@ def lock_sha256(path: Path = LOCK) -> str:
 def code() -> dict[str, object]:
     """The commit (DVC's baseline when the workspace is no git checkout) and whether the code
     differed from it."""
-    commit = _git("rev-parse", "HEAD") or os.environ.get("DVC_EXP_BASELINE_REV", "")
-    changed = _git("status", "--porcelain", "--", *CODE)
-    return {"commit": commit, "code_changed": bool(changed)}
+    commit = tracking.git_commit() or os.environ.get("DVC_EXP_BASELINE_REV", "")
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", *CODE],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        status = ""  # no git: nothing to compare with
+    return {"commit": commit, "code_changed": bool(status.strip())}
 
 
 def machine(device: torch.device) -> dict[str, object]:
