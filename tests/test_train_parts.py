@@ -9,6 +9,7 @@ from torch import nn
 
 from stages.data.augment import augment
 from stages.engine.device import resolve_speed
+from stages.engine.loop import steps_per_epoch
 from stages.engine.losses import make_loss
 from stages.engine.schedules import Schedule, multiplier
 from stages.explain import histograms
@@ -39,6 +40,12 @@ def test_multiclass_hinge_by_hand():
     # sample 1 (y=0, s=2): max(0,1-2+1)=0, max(0,0-2+1)=0 -> 0
     # sample 2 (y=1, s=0): max(0,0-0+1)=1, max(0,3-0+1)=4 -> 5
     assert make_loss("hinge")(LOGITS, LABELS).item() == pytest.approx(2.5)
+
+
+def test_an_epoch_is_whole_global_batches_at_least_one():
+    assert steps_per_epoch(10, 4, 1) == 2  # the 2 images left over wait for the next epoch
+    assert steps_per_epoch(100, 10, 3) == 11  # global batch 9: 3 ranks of 3
+    assert steps_per_epoch(3, 8, 1) == steps_per_epoch(3, 8, 4) == 1  # a batch of them all
 
 
 def rates(t: TrainParams, steps_per_epoch: int) -> list[float]:

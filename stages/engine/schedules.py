@@ -47,7 +47,7 @@ class Schedule:
     optimizer's state_dict() the rate itself: a resume loads both."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, t: TrainParams, steps_per_epoch: int):
-        self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
+        self.optimizer = optimizer
         self.warmup_steps = t.warmup_epochs * steps_per_epoch
         self.shape = LambdaLR(optimizer, lambda step: multiplier(t, steps_per_epoch, step))
         self.plateau = None
