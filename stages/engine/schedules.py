@@ -85,7 +85,8 @@ class Schedule:
         return {"shape": self.shape.state_dict(), "plateau": plateau}
 
     def load_state_dict(self, state: dict) -> None:
-        if "step_count" in state:  # a last.pt written before the schedule used torch's
+        if "step_count" in state:  # a last.pt written before the schedule used torch's (its
+            # rate, plateau cuts included, is in the optimizer's state as now)
             self.shape.last_epoch = state["step_count"]
             if self.plateau is not None:
                 self.shape.last_epoch = min(state["step_count"], self.warmup_steps)
