@@ -90,12 +90,14 @@ def main() -> None:
     print(f"{device_module.cpu_name()} [{flags}], torch {torch.__version__},"
           f" {torch.get_num_threads()} threads; {a.recipe}: {p.model}, batch {batch},"
           f" {p.train.crop_size} px; {run.speed.label} ({'; '.join(notes)})")  # fmt: skip
-    train = Resident(data.train_images, data.train_labels, CPU)
-    train_one_epoch(run, train, p.train, 1, steps=2)  # warm-up: allocator, oneDNN primitives
+    # An epoch of 2 batches to warm up (allocator, oneDNN primitives), then one of --steps.
+    images, labels, warm = data.train_images, data.train_labels, 2 * batch
+    train_one_epoch(run, Resident(images[:warm], labels[:warm], CPU), p.train, 1)
+    train = Resident(images[warm:], labels[warm:], CPU)
     val = data.val_images[:batch]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         tic = time.perf_counter()
-        row = train_one_epoch(run, train, p.train, 1, steps=a.steps)
+        row = train_one_epoch(run, train, p.train, 1)
         step_s = (time.perf_counter() - tic) / a.steps
         tic = time.perf_counter()
         predict_proba(run.model, val, p.train.crop_size, 10, batch, speed=run.speed)

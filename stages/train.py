@@ -48,7 +48,7 @@ from stages.engine.device import (
     step_rates,
 )
 from stages.engine.distributed import Dist
-from stages.engine.loop import TrainingError, run_epoch
+from stages.engine.loop import TrainingError, run_epoch, steps_per_epoch
 from stages.engine.losses import make_loss
 from stages.engine.model import build_model
 from stages.engine.optim import make_optimizer
@@ -249,8 +249,7 @@ def _build(
     settings = params.train
     model = pretrained.initialise(build_model(params, data), params)  # scratch|pretrained|PATH
     per_rank = max(1, settings.batch_size // dist.world)  # train.batch_size is the global batch
-    # Whole batches only: an epoch never ends on a smaller batch (of 1, say).
-    steps = max(1, len(data.train_labels) // dist.world // per_rank)
+    steps = steps_per_epoch(len(data.train_labels), settings.batch_size, dist.world)
     # What `auto` leaves open is measured on this model (rank 0, once per machine: cached), and
     # every rank trains as rank 0 chose; a run too short to repay the measurement's steps takes
     # the first candidate.

@@ -10,6 +10,7 @@ import nets
 from stages.data.augment import augment, center_crop, crop_flip, ten_crop
 from stages.data.sources.base import pad_and_stack
 from stages.data.writer import ProcessedWriter, digest
+from stages.engine.device import Speed
 from stages.engine.inference import predict_proba, topk_accuracy
 
 
@@ -17,6 +18,9 @@ def coords(h: int = 8, w: int = 8) -> torch.Tensor:
     """A (1, h, w, 3) uint8 image whose pixel (r, c) holds r in channel 0 and c in channel 1."""
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([r, c, torch.zeros_like(r)], -1)[None].to(torch.uint8)
+
+
+CPU = Speed(torch.device("cpu"))  # fp32, contiguous
 
 
 def test_pad_and_stack_centres_and_copies_to_three_channels():
@@ -106,8 +110,8 @@ def test_ten_crop_equals_single_crop_on_constant_images():
     torch.manual_seed(0)
     model = nets.build("alexnet", 5, 24)
     images = np.full((6, 32, 32, 3), 77, np.uint8)
-    one = predict_proba(model, images, 24, crops=1, batch_size=4)
-    ten = predict_proba(model, images, 24, crops=10, batch_size=4)
+    one = predict_proba(model, images, 24, crops=1, batch_size=4, speed=CPU)
+    ten = predict_proba(model, images, 24, crops=10, batch_size=4, speed=CPU)
     torch.testing.assert_close(one, ten, rtol=1e-5, atol=1e-6)
 
 
@@ -122,10 +126,10 @@ def test_ten_crop_without_mirrors_averages_the_five_plain_crops():
     torch.manual_seed(0)
     model = nets.build("alexnet", 5, 24).eval()
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    five = predict_proba(model, images, 24, crops=10, batch_size=2, mirror=False)
+    five = predict_proba(model, images, 24, crops=10, batch_size=2, mirror=False, speed=CPU)
     with torch.no_grad():
         views = ten_crop(torch.from_numpy(images), 24)[:, :5]  # (3, 5, 3, 24, 24)
         expected = model(views.flatten(0, 1)).softmax(-1).view(3, 5, -1).mean(1)
     torch.testing.assert_close(five, expected, rtol=1e-4, atol=1e-5)
-    ten = predict_proba(model, images, 24, crops=10, batch_size=2)
+    ten = predict_proba(model, images, 24, crops=10, batch_size=2, speed=CPU)
     assert not torch.allclose(five, ten)  # the mirrors are what differs

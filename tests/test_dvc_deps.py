@@ -17,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from dvc_deps import closure, expected, stage_module  # noqa: E402
+from dvc_deps import Untraceable, closure, expected, stage_module  # noqa: E402
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -136,6 +136,46 @@ def test_closure_follows_lazy_indirect_and_relative_imports(tmp_path):
     (tmp_path / "pkg/sub/notes.txt").write_text("named by nobody\n")
     found = {str(p) for p in closure(tmp_path, tmp_path / "pkg/stage.py")}
     assert found == set(files) - {"pkg/sub/unused.py", "other/__init__.py"} | {"pkg/sub/table.tsv"}
+
+
+def test_a_module_named_in_an_import_module_call_is_followed_a_computed_one_refused(tmp_path):
+    """import_module("pkg.plugin") is an import like any other; import_module("pkg." + name)
+    could load any file, so the walker names the line instead of leaving dvc.yaml stale."""
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/plugin.py": "",
+        "pkg/stage.py": "import importlib\nPLUGIN = importlib.import_module('pkg.plugin')\n",
+        "pkg/late.py": "import importlib\n\n\ndef load(name):\n"
+        "    return importlib.import_module('pkg.' + name)\n",
+        "pkg/dunder.py": "def load(name):\n    return __import__(name)\n",
+        "pkg/relative.py": "from importlib import import_module\nimport_module('.plugin', 'pkg')\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert {str(p) for p in closure(tmp_path, tmp_path / "pkg/stage.py")} == {
+        "pkg/__init__.py", "pkg/plugin.py", "pkg/stage.py",
+    }  # fmt: skip
+    for module, line in (("late", 5), ("dunder", 2), ("relative", 2)):
+        with pytest.raises(Untraceable, match=rf"^pkg/{module}\.py:{line}: "):
+            closure(tmp_path, tmp_path / f"pkg/{module}.py")
+
+
+def test_the_rewriter_refuses_a_computed_import_in_one_line_and_writes_nothing(tmp_path):
+    for folder in ("stages", "nets", "tools"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    loop = tmp_path / "stages/engine/loop.py"
+    call = "    return importlib.import_module('stages.' + name)"
+    loop.write_text(f"{loop.read_text()}\n\ndef _late(name):\n{call}\n")
+    line = loop.read_text().splitlines().index(call) + 1
+    for args in ([], ["--check"]):
+        tool = [sys.executable, str(tmp_path / "tools/dvc_deps.py"), *args]
+        done = subprocess.run(tool, capture_output=True, text=True, check=False)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith(f"error: stages/engine/loop.py:{line}: importlib.")
+        assert len(done.stderr.splitlines()) == 1
+    assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
 
 
 def test_closure_of_train_reaches_indirect_and_lazy_imports():

@@ -174,7 +174,9 @@ def _run_state(seed: int, settings: TrainParams) -> RunState:
     )  # fmt: skip
 
 
-def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
+@pytest.mark.parametrize("old_schedule", [False, True], ids=["now", "schedule-before-torch"])
+def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run(old_schedule):
+    """Also from a last.pt whose schedule state predates torch's schedulers."""
     t = train_settings(epochs=2, batch_size=8, crop_size=12, lr=0.1, warmup_epochs=0,
                     schedule="plateau", plateau_patience=1)  # fmt: skip
     gen = np.random.default_rng(0)
@@ -186,7 +188,12 @@ def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
     s = _run_state(0, t)
     s.end_epoch(1, run_epoch(s, train, val, t, 8, 1))
     buffer = io.BytesIO()
-    torch.save(s.state_dict(), buffer)  # as last.pt does
+    saved = s.state_dict()
+    if old_schedule:
+        plateau = s.schedule.plateau
+        saved["schedule"] = {"step_count": 4, "plateau": 1.0, "best": plateau.best,
+                             "bad_epochs": plateau.num_bad_epochs}  # fmt: skip
+    torch.save(saved, buffer)  # as last.pt does
     assert set(s.state_dict()) == set(RESUME_KEYS)
     s.end_epoch(2, run_epoch(s, train, val, t, 8, 2))  # the uninterrupted run
 
@@ -200,7 +207,10 @@ def test_run_state_round_trip_continues_exactly_like_an_uninterrupted_run():
     for a, b in ((s.model, s2.model), (s.ema, s2.ema)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(x, y), name
-    assert s2.schedule.state_dict() == s.schedule.state_dict()
+    if not old_schedule:
+        assert s2.schedule.state_dict() == s.schedule.state_dict()
+    assert s2.schedule.lr == s.schedule.lr
+    assert s2.schedule.plateau.num_bad_epochs == s.schedule.plateau.num_bad_epochs
     assert (s2.best, s2.since_best, s2.epoch) == (s.best, s.since_best, 2)
     assert [{k: r[k] for k in METRICS} for r in s2.history] == [
         {k: r[k] for k in METRICS} for r in s.history

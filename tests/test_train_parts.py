@@ -9,6 +9,7 @@ from torch import nn
 
 from stages.data.augment import augment
 from stages.engine.device import resolve_speed
+from stages.engine.loop import steps_per_epoch
 from stages.engine.losses import make_loss
 from stages.engine.schedules import Schedule, multiplier
 from stages.explain import histograms
@@ -41,6 +42,12 @@ def test_multiclass_hinge_by_hand():
     assert make_loss("hinge")(LOGITS, LABELS).item() == pytest.approx(2.5)
 
 
+def test_an_epoch_is_whole_global_batches_at_least_one():
+    assert steps_per_epoch(10, 4, 1) == 2  # the 2 images left over wait for the next epoch
+    assert steps_per_epoch(100, 10, 3) == 11  # global batch 9: 3 ranks of 3
+    assert steps_per_epoch(3, 8, 1) == steps_per_epoch(3, 8, 4) == 1  # a batch of them all
+
+
 def rates(t: TrainParams, steps_per_epoch: int) -> list[float]:
     return [multiplier(t, steps_per_epoch, s) for s in range(t.epochs * steps_per_epoch)]
 
@@ -62,20 +69,86 @@ def test_onecycle_rises_then_falls_linearly():
     assert rates(t, 2) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
 
 
+def test_linear_decays_to_zero_after_the_warmup():
+    linear = {"schedule": "linear"}
+    t = train_settings(epochs=5, warmup_epochs=1).model_copy(update=linear)
+    assert rates(t, 1) == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25])
+    t = train_settings(epochs=2, warmup_epochs=0).model_copy(update=linear)
+    assert rates(t, 2) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_the_schedule_sets_the_rates_multiplier_gives():
+    t = train_settings(lr=0.4, epochs=3, schedule="cosine", warmup_epochs=1)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = Schedule(opt, t, steps_per_epoch=2)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        assert sched.lr == seen[-1]
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.4 * m for m in rates(t, 2)])
+
+
+def _plateau(t: TrainParams) -> tuple[torch.optim.Optimizer, Schedule]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=t.lr)
+    return opt, Schedule(opt, t, steps_per_epoch=1)
+
+
 def test_plateau_cuts_after_patience_and_is_checkpointable():
     t = train_settings(lr=1.0, schedule="plateau", plateau_patience=2, plateau_factor=0.1,
                     warmup_epochs=0)  # fmt: skip
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = Schedule(opt, t, steps_per_epoch=1)
+    opt, sched = _plateau(t)
     seen = []
     for top1 in [0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7]:
+        opt.step()
         sched.step()
         sched.epoch_end(top1)
         seen.append(opt.param_groups[0]["lr"])
     assert seen == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01])
-    again = Schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), t, 1)
+    # As RunState resumes: the optimizer's state holds the rate, the schedule's the counts.
+    opt2, again = _plateau(t)
+    opt2.load_state_dict(opt.state_dict())
     again.load_state_dict(sched.state_dict())
-    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    for top1 in [0.7, 0.7]:
+        for s, o in ((sched, opt), (again, opt2)):
+            o.step()
+            s.step()
+            s.epoch_end(top1)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.001)
+
+
+def test_plateau_counts_from_the_end_of_the_warmup():
+    t = train_settings(lr=1.0, epochs=6, schedule="plateau", plateau_patience=1,
+                    plateau_factor=0.5, warmup_epochs=2)  # fmt: skip
+    opt, sched = _plateau(t)
+    seen = []
+    # Epoch 2 ends the warm-up: its 0.4 is the first score counted, not a fall from 0.5.
+    for top1 in [0.5, 0.4, 0.6, 0.6, 0.7, 0.7]:
+        opt.step()
+        sched.step()
+        sched.epoch_end(top1)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.25])
+
+
+def test_a_schedule_saved_before_torchs_schedulers_resumes():
+    """last.pt's schedule state as it was written before (step count, plateau counts)."""
+    t = train_settings(lr=1.0, epochs=4, schedule="cosine", warmup_epochs=0)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = Schedule(opt, t, steps_per_epoch=1)
+    sched.load_state_dict({"step_count": 2, "plateau": 1.0, "best": 0.5, "bad_epochs": 0})
+    opt.step()
+    sched.step()
+    assert sched.lr == pytest.approx(rates(t, 1)[3])
+    t = train_settings(lr=1.0, schedule="plateau", plateau_patience=2, warmup_epochs=0,
+                    plateau_factor=0.1)  # fmt: skip
+    opt, sched = _plateau(t)
+    sched.load_state_dict({"step_count": 3, "plateau": 1.0, "best": 0.6, "bad_epochs": 1})
+    opt.step()
+    sched.step()
+    sched.epoch_end(0.6)  # the second epoch without a gain
+    assert sched.lr == pytest.approx(0.1)
 
 
 def test_histograms_report_dead_relus_per_layer():

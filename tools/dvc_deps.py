@@ -7,8 +7,13 @@ A stage's code is the module `python -m stages <name>` runs and every file of th
 it imports, however indirectly: every `import` and `from ... import` at any depth (inside
 functions and `if TYPE_CHECKING:` blocks too: a lazy import still runs when its branch does),
 each parent package's `__init__.py` (importing `stages.core.paths` runs `stages/__init__.py`
-first), and the data files a module reads from its own folder (named in its text). So editing
-a file reruns exactly the stages that run it. `stages/__main__.py` and `stages/cli.py` only
+first), a module loaded by `importlib.import_module("a.b")` or `__import__("a.b")` with the
+name written out, and the data files a module reads from its own folder (named in its text). So
+editing a file reruns exactly the stages that run it. A module loaded by a name computed when
+the code runs cannot be followed: such a call is an error naming its file and line, and the
+fix is to import the modules it may load by name (a registry table, as nets/__init__.py and
+stages/data/sources/__init__.py have); it reads the source, so code run through exec, runpy
+or another name for these functions stays unseen. `stages/__main__.py` and `stages/cli.py` only
 dispatch to the stage and are no stage's code. The other deps (the stage's inputs) are kept.
 """
 
@@ -24,6 +29,11 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("stages", "nets")  # the folders that hold code a stage may run
+IMPORTERS = ("import_module", "__import__")  # functions that import the module they are named
+
+
+class Untraceable(Exception):
+    """An import whose module is computed when the code runs: no file can be named for it."""
 
 
 def module_file(root: Path, module: str) -> Path | None:
@@ -57,7 +67,22 @@ def imported_names(root: Path, path: Path) -> set[str]:
                 module = node.module or ""
             names.add(module)
             names |= {f"{module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Call) and _called(node.func) in IMPORTERS:
+            arg = node.args[0] if node.args else None
+            name = arg.value if isinstance(arg, ast.Constant) else None
+            if not isinstance(name, str) or name.startswith("."):
+                raise Untraceable(
+                    f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node.func)}() of a"
+                    " name computed at run time, or relative: dvc.yaml cannot name the file it"
+                    " loads; import the modules it may load, by their full names"
+                )
+            names.add(name)
     return names
+
+
+def _called(func: ast.expr) -> str | None:
+    """The name a call calls: `f` for `f(...)` and `m.f(...)`."""
+    return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
 
 
 def closure(root: Path, start: Path) -> set[Path]:
@@ -115,7 +140,11 @@ def main() -> int:
     pipeline = yaml.load(path)
     stale = []
     for name, stage in pipeline["stages"].items():
-        want = expected(ROOT, stage)
+        try:
+            want = expected(ROOT, stage)
+        except Untraceable as err:  # nothing is written
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         if list(stage["deps"]) != want:
             stale.append(name)
             stage["deps"][:] = want

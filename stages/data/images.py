@@ -66,13 +66,6 @@ class ImageFileError(PipelineError):
         return type(self), (self.path, self.reason)
 
 
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is `size`, then crop the centre size x size (what `_region`
-    and the resize in `_decode` make, for an image already in RGB)."""
-    part, box = _region(img, size)
-    return part if box is None else part.resize((size, size), Image.BICUBIC, box, 3.0)
-
-
 def _region(img: Image.Image, size: int) -> tuple[Image.Image, Box | None]:
     """The part of `img` its size x size result is made from, and where in that part the result
     lies (None: the part is the result already, no resize needed).

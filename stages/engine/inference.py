@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stages.data.augment import center_crop, ten_crop
-from stages.engine.device import Speed, has_conv
+from stages.engine.device import Speed
 
 
 class Probabilities(nn.Module):
@@ -47,15 +47,14 @@ def predict_proba(
     size: int,
     crops: int = 1,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    speed: Speed | None = None,
+    *,
+    speed: Speed,
     mirror: bool = True,
 ) -> torch.Tensor:
     """Class probabilities (N, K) on the CPU for uint8 images (N, H, W, 3), a batch at a time
-    (all crops of a batch through the model at once): see `Probabilities`. `speed` sets the
-    precision and memory format (those of training); default fp32, channels-last for conv nets.
+    (all crops of a batch through the model at once): see `Probabilities`. `speed` is the
+    device, precision and memory format (those of training).
     """
-    speed = speed or Speed(torch.device(device), channels_last=has_conv(model))
     net = Probabilities(model, size, crops, mirror, speed.inputs)
     was_training = model.training
     model.eval()
@@ -76,7 +75,7 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     k_max = min(max(ks), probs.shape[1])
     top = probs.topk(k_max, dim=1).indices  # (N, k_max)
     hits = top == labels[:, None]  # (N, k_max)
-    return {f"top{k}": hits[:, : min(k, k_max)].any(1).float().mean().item() for k in ks}
+    return {f"top{k}": hits[:, : min(k, k_max)].any(1).double().mean().item() for k in ks}
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

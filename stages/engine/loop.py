@@ -22,7 +22,7 @@ from stages.data.stream import Resident, Streamed
 from stages.engine import distributed
 from stages.engine.device import Speed
 from stages.engine.distributed import Dist
-from stages.engine.inference import predict_proba
+from stages.engine.inference import nll, predict_proba, topk_accuracy
 
 if TYPE_CHECKING:
     from stages.engine.state import RunState
@@ -51,12 +51,17 @@ def run_epoch(
     return row | {"lr": lr, "epoch_seconds": seconds, "images_per_second": seen / seconds}
 
 
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Optimizer steps in an epoch of `n` images: whole global batches of `batch_size` (rounded
+    down to a multiple of the `world` ranks) only, so that an epoch never ends on a smaller
+    batch (of 1, say); one batch of all `n` when they are fewer."""
+    return max(1, n // (max(1, batch_size // world) * world))
+
+
 def train_one_epoch(
-    run: RunState, train: Resident | Streamed, settings: TrainParams, epoch: int,
-    steps: int | None = None,
-) -> dict[str, float]:  # fmt: skip
-    """One pass over a fresh permutation of the training set (resident or streamed), or its
-    first `steps` batches (benchmarks/presets.py).
+    run: RunState, train: Resident | Streamed, settings: TrainParams, epoch: int
+) -> dict[str, float]:
+    """One pass over a fresh permutation of the training set (resident or streamed).
 
     Under DDP every rank draws the same permutation (same generator state) and trains on its
     part of each global batch: together the ranks take the steps one process would.
@@ -67,7 +72,8 @@ def train_one_epoch(
     device, dist = run.speed.device, run.dist
     # train.batch_size is the global batch (rounded down to a multiple of the ranks).
     batch = max(1, settings.batch_size // dist.world) * dist.world
-    steps = steps or run.schedule.steps_per_epoch  # the same on every rank: DDP's lockstep
+    # Every rank holds the whole set: the same count everywhere, DDP's lockstep.
+    steps = steps_per_epoch(len(train), settings.batch_size, dist.world)
     order = torch.randperm(len(train), device=device, generator=run.generator)
     part = dist.part(min(batch, len(train)))  # this rank's share of each global batch
     within = (part.start, min(batch, len(train)))  # augmentation draws for it, see Draws
@@ -113,13 +119,11 @@ def validate(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, size: int, batch_size: int,
     speed: Speed, dist: Dist, prefix: str = "val_",
 ) -> dict[str, float]:  # fmt: skip
-    """Centre-crop loss, top-1 and top-5 over every rank's shard of the validation set."""
+    """Centre-crop loss, top-1 and top-5 over every rank's shard of the validation set (the
+    shards' means weighted by their sizes)."""
     probs = predict_proba(model, images, size, 1, batch_size, speed=speed)  # (M, K) on CPU
-    y = torch.from_numpy(np.asarray(labels))  # (M,)
-    top = probs.topk(min(5, probs.shape[1]), dim=1).indices  # (M, k)
-    nll = -probs[torch.arange(len(y)), y].clamp_min(1e-12).log()  # (M,)
-    local = [nll.sum(), (top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), len(y)]
-    sums = distributed.all_sum(dist, torch.tensor([float(v) for v in local], device=speed.device))
-    n = max(1.0, sums[3].item())
-    return {f"{prefix}loss": sums[0].item() / n, f"{prefix}top1": sums[1].item() / n,
-            f"{prefix}top5": sums[2].item() / n}  # fmt: skip
+    means = topk_accuracy(probs, labels) | {"loss": nll(probs, labels)}
+    names, n = ("loss", "top1", "top5"), len(labels)
+    local = torch.tensor([means[k] * n for k in names] + [n], device=speed.device)
+    *totals, count = distributed.all_sum(dist, local).tolist()
+    return {f"{prefix}{k}": total / count for k, total in zip(names, totals, strict=True)}

@@ -1,7 +1,8 @@
 """Learning-rate schedules by name (params.yaml `train.schedule`), stepped once per batch.
 
 Every schedule starts with a linear warm-up over `warmup_epochs`; after it the rate follows the
-shape below, times the plateau factor (which only the `plateau` schedule ever lowers).
+shape below (torch's LambdaLR), or for `plateau` stays at `lr` until torch's ReduceLROnPlateau
+cuts it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 if TYPE_CHECKING:  # the engine takes params, it never loads them
     from stages.params import TrainParams
@@ -20,9 +22,12 @@ SHAPES: dict[str, Callable[[float, int, TrainParams], float]] = {
     "constant": lambda progress, epoch, t: 1.0,
     "cosine": lambda progress, epoch, t: 0.5 * (1 + math.cos(math.pi * progress)),
     "step": lambda progress, epoch, t: 0.1 ** (epoch // t.step_epochs),  # Caffe's AlexNet
-    # One-cycle (Smith): the warm-up is the rising half; then a linear fall to zero.
+    # Linear decay to zero (Li et al., "Budgeted Training", ICLR 2020).
+    "linear": lambda progress, epoch, t: 1.0 - progress,
+    # One-cycle (Smith): the warm-up is the rising half, then the same linear fall to zero
+    # (FFCV's "triangular"): `linear` under the name the recipes use.
     "onecycle": lambda progress, epoch, t: 1.0 - progress,
-    "plateau": lambda progress, epoch, t: 1.0,  # lowered by Schedule.epoch_end instead
+    "plateau": lambda progress, epoch, t: 1.0,  # lowered by ReduceLROnPlateau instead
 }
 
 
@@ -37,48 +42,57 @@ def multiplier(t: TrainParams, steps_per_epoch: int, step: int) -> float:
 
 
 class Schedule:
-    """Sets the optimizer's rates before each step; checkpointable via state_dict()."""
+    """`t.schedule` on `optimizer`: `step()` after each optimizer step, `epoch_end(val_top1)`
+    after each epoch. Like torch's schedulers, its state_dict() restores the schedule and the
+    optimizer's state_dict() the rate itself: a resume loads both."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, t: TrainParams, steps_per_epoch: int):
-        self.optimizer, self.t, self.steps_per_epoch = optimizer, t, steps_per_epoch
-        self.step_count = 0
-        self.plateau = 1.0  # multiplier from reduce-on-plateau
-        self.best = -math.inf  # best validation top-1 seen by the plateau logic
-        self.bad_epochs = 0
-        self._apply()
+        self.optimizer = optimizer
+        self.warmup_steps = t.warmup_epochs * steps_per_epoch
+        self.shape = LambdaLR(optimizer, lambda step: multiplier(t, steps_per_epoch, step))
+        self.plateau = None
+        if t.schedule == "plateau":  # "learning-rate control": cut the rate after
+            # `plateau_patience` epochs without a gain in validation top-1 (torch cuts when
+            # there were more than `patience` such epochs, hence the - 1).
+            self.plateau = ReduceLROnPlateau(
+                optimizer, "max", t.plateau_factor, t.plateau_patience - 1,
+                threshold=0, threshold_mode="abs", eps=0,
+            )  # fmt: skip
 
     @property
     def lr(self) -> float:
         """The rate the next optimizer step uses."""
-        return self.t.lr * self.plateau * multiplier(self.t, self.steps_per_epoch, self.step_count)
+        return self.optimizer.param_groups[0]["lr"]
 
-    def _apply(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+    @property
+    def _warming_up(self) -> bool:
+        return self.shape.last_epoch < self.warmup_steps
 
     def step(self) -> None:
         """Call after each optimizer step."""
-        self.step_count += 1
-        self._apply()
+        # After the warm-up ReduceLROnPlateau owns the `plateau` rate: LambdaLR would reset it.
+        if self.plateau is None or self._warming_up:
+            self.shape.step()
 
     def epoch_end(self, val_top1: float) -> None:
-        """Reduce-on-plateau ("learning-rate control"): cut the rate after `plateau_patience`
-        epochs without a gain in validation top-1."""
-        if self.t.schedule != "plateau":
-            return
-        if val_top1 > self.best:
-            self.best, self.bad_epochs = val_top1, 0
-            return
-        self.bad_epochs += 1
-        if self.bad_epochs >= self.t.plateau_patience:
-            self.plateau *= self.t.plateau_factor
-            self.bad_epochs = 0
-            self._apply()
+        """Tell reduce-on-plateau the epoch's score; a rising rate is no plateau, so the count
+        starts with the epoch that ends the warm-up."""
+        if self.plateau is not None and not self._warming_up:
+            self.plateau.step(val_top1)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("step_count", "plateau", "best", "bad_epochs")}
+        plateau = self.plateau.state_dict() if self.plateau is not None else None
+        return {"shape": self.shape.state_dict(), "plateau": plateau}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        self._apply()
+        if "step_count" in state:  # a last.pt written before the schedule used torch's (its
+            # rate, plateau cuts included, is in the optimizer's state as now)
+            self.shape.last_epoch = state["step_count"]
+            if self.plateau is not None:
+                self.shape.last_epoch = min(state["step_count"], self.warmup_steps)
+                self.plateau.best = state["best"]
+                self.plateau.num_bad_epochs = state["bad_epochs"]
+            return
+        self.shape.load_state_dict(state["shape"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
