@@ -95,6 +95,13 @@ def build(
     `mean` is the training set's (3, H, W) mean image, `std` the per-channel std (both in
     [0, 1] units); left out, they are placeholders that a checkpoint's state dict fills in.
     """
+    valid = options(name)
+    for key in kwargs:
+        if key not in valid:
+            raise ValueError(
+                f"unknown option {key!r} for model {name!r}; "
+                f"valid options: {', '.join(valid) or '(none)'}"
+            )
     body = _builder(name)(num_classes, image_size, **kwargs)
     return Classifier(normalize=InputNorm(mean, std, image_size), body=body)
 
