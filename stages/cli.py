@@ -173,9 +173,13 @@ def lr_find(
     ),
 ) -> None:
     """Learning-rate range test for params.yaml's model: plot + suggested train.lr."""
-    from stages.commands.lrfind import lr_find as command
 
-    _run(lambda p: command(p, start, end, steps), params, set_)
+    def command(p: Params) -> None:  # imported once the params are known to be good
+        from stages.commands.lrfind import lr_find
+
+        lr_find(p, start, end, steps)
+
+    _run(command, params, set_)
 
 
 @app.command()
