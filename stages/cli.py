@@ -1,12 +1,15 @@
 """The command line: one thin command per stage (`convnet train` == `python -m stages train`).
 
-Each command loads and validates params.yaml once (plus `--set key=value` overrides, the same
-syntax as `dvc exp run -S`) and calls the stage function. Errors a user can cause end with one
-line on stderr and a non-zero exit: 2 for bad parameters, 1 for missing or bad data.
+Each stage command loads and validates params.yaml once (plus `--set key=value` overrides, the
+same syntax as `dvc exp run -S`) and calls the stage function. Errors a user can cause end with
+one line on stderr and a non-zero exit: 2 for bad parameters, 1 for missing or bad data, 128 +
+the signal number for Ctrl-C (130) and SIGTERM. Each command imports what it runs only when it
+runs, so a bad value is refused before torch and MLflow are imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -17,8 +20,8 @@ from typing import Any
 import typer
 
 from stages.core.errors import Interrupted, ParamsError, PipelineError, on_signal
-from stages.core.files import is_write_error, write_failure
-from stages.params import Params, compose, conf_dir, drift, from_dict, load, read, yaml_text
+from stages.params import Params, compose, conf_dir, drift, load, read, validate, yaml_text
+from stages.params.registries import check as registries
 
 app = typer.Typer(
     help="Train convolutional networks from scratch: download -> preprocess -> train -> evaluate."
@@ -52,6 +55,8 @@ def _guard(action: Callable[[], Any]) -> None:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(128 + err.signum) from None
     except OSError as err:  # a write the system refuses where no result's name was at hand
+        from stages.core.files import is_write_error, write_failure
+
         if not is_write_error(err):
             raise
         typer.echo(f"error: {write_failure(err)}", err=True)
@@ -60,16 +65,9 @@ def _guard(action: Callable[[], Any]) -> None:
 
 def _run(stage: Callable[[Params], Any], params: Path, overrides: list[str]) -> None:
     """Load and check params.yaml (+ overrides), then run `stage` under `_guard`."""
-    from stages.data.sources import check_params
-    from stages.engine.model import check_model_params
 
     def action() -> None:
-        p = load(params, overrides)  # its errors name the file
-        try:
-            check_params(p)  # every command checks the dataset and model before any work
-            check_model_params(p)
-        except ParamsError as err:
-            raise ParamsError(f"{params}: {err}") from None
+        p = load(params, overrides, registries)  # its errors name the file
         _note_drift(params, p, overrides)
         stage(p)
 
@@ -92,52 +90,33 @@ def _note_drift(params: Path, p: Params, overrides: list[str]) -> None:
         )
 
 
-@app.command()
-def inputs(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Make sure the data folder (download.data_dir) exists, with a README if it is new."""
-    from stages.inputs import inputs as stage
-
-    _run(stage, params, set_)
-
-
-@app.command()
-def download(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Fetch the raw files of `dataset` into out/raw/ (embedded sets need no network)."""
-    from stages.download import download as stage
-
-    _run(stage, params, set_)
-
-
-@app.command()
-def preprocess(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Decode out/raw/ into packed uint8 arrays, a validation split and the mean image."""
-    from stages.preprocess import preprocess as stage
-
-    _run(stage, params, set_)
+# The stages, in pipeline order: `convnet NAME` runs the function NAME of stages/NAME.py, the
+# module dvc.yaml's `python -m stages NAME` names (tools/dvc_deps.py lists its imports).
+STAGES = {
+    "inputs": "Make sure the data folder (download.data_dir) exists, with a README if it is new."
+    " First in dvc.yaml, it depends on every param: a bad value stops the pipeline here.",
+    "download": "Fetch the raw files of `dataset` into out/raw/ (embedded sets need no network).",
+    "preprocess": "Decode out/raw/ into packed uint8 arrays, a validation split and the mean"
+    " image.",
+    "train": "Train `model` and write out/train/model.pt; logs one MLflow run.",
+    "evaluate": "Single-crop and 10-crop accuracy, confusion matrix, metrics.json.",
+    "report": "Saliency, filters, augmentation preview, curves, confused pairs -> out/report/ +"
+    " MLflow.",
+}
 
 
-@app.command()
-def train(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Train `model` and write out/train/model.pt; logs one MLflow run."""
-    from stages.train import train as stage
+def _stage_command(name: str) -> Callable[..., None]:
+    def command(params: Path = PARAMS, set_: list[str] = SET) -> None:
+        def stage(p: Params) -> Any:  # imported once the params are known to be good
+            return getattr(importlib.import_module(f"stages.{name}"), name)(p)
 
-    _run(stage, params, set_)
+        _run(stage, params, set_)
 
-
-@app.command()
-def evaluate(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Single-crop and 10-crop accuracy, confusion matrix, metrics.json."""
-    from stages.evaluate import evaluate as stage
-
-    _run(stage, params, set_)
+    return command
 
 
-@app.command()
-def report(params: Path = PARAMS, set_: list[str] = SET) -> None:
-    """Saliency, filters, augmentation preview, curves, confused pairs -> out/report/ + MLflow."""
-    from stages.report import report as stage
-
-    _run(stage, params, set_)
+for _name, _help in STAGES.items():
+    app.command(_name, help=_help)(_stage_command(_name))
 
 
 @app.command()
@@ -194,9 +173,13 @@ def lr_find(
     ),
 ) -> None:
     """Learning-rate range test for params.yaml's model: plot + suggested train.lr."""
-    from stages.commands.lrfind import lr_find as command
 
-    _run(lambda p: command(p, start, end, steps), params, set_)
+    def command(p: Params) -> None:  # imported once the params are known to be good
+        from stages.commands.lrfind import lr_find
+
+        lr_find(p, start, end, steps)
+
+    _run(command, params, set_)
 
 
 @app.command()
@@ -339,7 +322,7 @@ def compose_params(
 
     def action() -> None:
         data = compose(conf_dir(params), set_)
-        from_dict(data)  # what does not validate is said now, not by the next stage
+        validate(data, registries)  # what a stage would refuse is said now, before writing
         if not write:
             typer.echo(yaml_text(data), nl=False)
             return
@@ -355,8 +338,8 @@ def main() -> None:
     # marked FAILED and temporary files are removed instead of being left behind.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    app(prog_name="convnet")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        app(prog_name="convnet")
+    except Interrupted as err:  # arrived outside a command's _guard (parsing the command line)
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(128 + err.signum)

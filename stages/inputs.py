@@ -6,8 +6,10 @@ edited or deleted, a class folder renamed, an archive or an extracted copy repla
 a stage whose dependency does not exist, and a fresh clone has no data/: git keeps no empty
 folder, and a file git tracked inside it would stop `dvc add data`. This stage, which download
 depends on through its small output, creates the folder with a README saying what goes there
-(a folder left empty would make DVC warn). It reruns only when its output is missing (a fresh
-clone, a queued experiment's workspace) or `download.data_dir` changes.
+(a folder left empty would make DVC warn). It reruns when its output is missing (a fresh
+clone, a queued experiment's workspace) or any param changes: dvc.yaml lists them all under it,
+so that a bad value, which every command refuses, stops `dvc repro` and `dvc exp run` here,
+before DVC removes the outputs of the stage the value is for.
 """
 
 from __future__ import annotations

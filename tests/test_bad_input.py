@@ -947,3 +947,96 @@ def test_a_read_only_out_is_one_line_naming_it(template, tmp_path):
     assert errors[1].startswith("error: out/evaluate: cannot be written: it is on a read-only")
     assert len(errors) == 2 and snapshot(root) == before
     assert running_runs(root) == 0
+
+
+# --- params and the command line: conf/ as `compose` and the stages read it; `dvc exp run` ---
+
+
+def edit(file: str, text: str, new: str) -> Callable[[Path], None]:
+    """Replace `text` by `new` in conf/`file` (where `text` must be)."""
+
+    def setup(root: Path) -> None:
+        path = root / "conf" / file
+        assert text in path.read_text(), (file, text)
+        path.write_text(path.read_text().replace(text, new, 1))
+
+    return setup
+
+
+# (id, conf/ edit, the choice the commands make, the error, fast): `compose --write` must refuse
+# exactly what a stage composing the same choice refuses, before writing params.yaml.
+CONF_CASES = [
+    ("conf-yaml-1-1", edit("config.yaml", "seed: 0\n", "seed: 017\n"), "model=mlp",
+     "conf/config.yaml: line 15, column 7: YAML 1.2 (DVC, params.yaml) reads 17 but YAML 1.1"
+     " (Hydra, conf/) reads 15", True),
+    ("conf-duplicate-key", edit("model/mlp.yaml", "  lr: 0.001", "  lr: 0.001\n  lr: 0.01"),
+     "model=mlp", "conf/model/mlp.yaml: not valid YAML: line 12, column 3: found duplicate key"
+     ' "lr" (while constructing a mapping that starts on line 8)', False),
+    ("conf-syntax", edit("recipe/baseline-mlp.yaml", "train:", "train: {"), "model=mlp",
+     "conf/recipe/baseline-mlp.yaml: not valid YAML: line", True),
+    ("two-models", None, "model=[alexnet,resnet18]", "-S 'model=[alexnet,resnet18]': one model"
+     " at a time, a file of conf/model/", True),
+    ("conf-net-key", edit("model/mlp.yaml", "net:\n", "net:\n  depth: 3\n"), "model=mlp",
+     "net.depth: unknown key; valid keys: dropout, hidden", False),
+    ("conf-model-name", edit("model/mlp.yaml", "model: mlp", "model: mlp2"), "model=mlp",
+     "model: must be one of: alexnet, logreg, mlp, resnet18", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setup, choice, message",
+    [pytest.param(*c[1:4], id=c[0], marks=() if c[4] else pytest.mark.slow) for c in CONF_CASES],
+)
+@pytest.mark.parametrize("command", [["compose", "--write"], ["train"]])
+def test_compose_refuses_what_a_stage_refuses_before_writing(
+    template, tmp_path, setup, choice, message, command
+):
+    root = workspace(template, tmp_path)
+    if setup:
+        setup(root)
+    before, params_yaml = snapshot(root), (root / "params.yaml").read_text()
+    result = run(root, *command, "-S", choice)
+    shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 2, shown
+    assert result.stderr.splitlines() == [result.stderr.strip()], shown  # one line
+    assert result.stderr.startswith("error: ") and message in result.stderr, shown
+    assert (root / "params.yaml").read_text() == params_yaml and snapshot(root) == before
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_refuses_a_value_before_dvc_removes_any_output(repo):
+    """DVC removes a stage's outputs before running it, and `dvc exp run -S` writes the value
+    into params.yaml first: the inputs stage, which depends on every param, refuses it before
+    DVC reaches the stage the value is for."""
+    path, environment = repo
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["dvc", *args], cwd=path, env=environment, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+
+    # A finished run, as DVC records one (the outputs stand in for a real run's).
+    assert dvc("repro", "inputs").returncode == 0
+    outs = [o for s in yaml.safe_load((path / "dvc.yaml").read_text())["stages"].values()
+            for o in s.get("outs", []) + s.get("metrics", [])]  # fmt: skip
+    for out in (Path(o if isinstance(o, str) else next(iter(o))) for o in outs):
+        made = path / (out if out.suffix else out / "made-by-hand")
+        made.parent.mkdir(parents=True, exist_ok=True)
+        if not made.exists():
+            made.write_text(f"{out} of an earlier run")
+    assert dvc("commit", "--force").returncode == 0
+    subprocess.run(["git", "add", "-A"], cwd=path, env=environment, check=True)
+    subprocess.run(["git", "commit", "-qm", "run"], cwd=path, env=environment, check=True)
+    before = snapshot(path)
+    for value, message in [
+        ("train.lr=abc", "train.lr: must be a number, got 'abc'"),
+        ("train.epochs=-1", "train.epochs: must be a positive integer, got -1"),
+        ("train.lr=1e999", "train.lr: must be a finite number, got inf"),
+    ]:
+        result = dvc("exp", "run", "-S", value)
+        said = result.stdout + result.stderr
+        assert result.returncode != 0 and "Traceback" not in said, said
+        assert "Running stage 'inputs'" in said and "Running stage 'download'" not in said, said
+        [error] = [line for line in said.splitlines() if line.startswith("error:")]
+        assert message in error, said
+        after = snapshot(path)
+        assert after == {k: v for k, v in before.items() if k != "out/inputs.json"}, value

@@ -3,6 +3,7 @@ params.yaml is its default composition, every recipe composes, validates and tra
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from stages import params
 from stages import train as train_module
 from stages.cli import app
 from stages.core.runlog import RunLog
-from stages.data.sources import SOURCES, check_params
-from stages.engine.model import check_model_params
+from stages.data.sources import SOURCES
+from stages.params import registries
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -39,9 +40,8 @@ def unset() -> set[str]:
 
 
 def valid(p: params.Params) -> params.Params:
-    check_params(p)
-    check_model_params(p)
-    return p
+    """`p` held to everything a stage holds it to: the schema and the registries."""
+    return params.validate(p.to_dict(), registries.check)
 
 
 def test_params_yaml_is_the_default_composition():
@@ -166,3 +166,43 @@ def test_models_lists_each_model_file(monkeypatch):
     at = out.index(next(line for line in out if line.startswith("resnet50")))
     assert "stem_stride=4" in out[at]
     assert "lr=0.1" in out[at + 1] and "memory_format='contiguous'" in out[at + 1]
+
+
+# conf/ as DVC reads params.yaml (YAML 1.2): a value YAML 1.1 (Hydra's reading, in `dvc exp run`
+# too) takes otherwise is refused where it stands, as are syntax errors and repeated keys.
+CONF_MISTAKES = [
+    ("config.yaml", "seed: 0\n", "seed: 017\n",
+     "conf/config.yaml: line 15, column 7: YAML 1.2 (DVC, params.yaml) reads 17 but YAML 1.1"
+     " (Hydra, conf/) reads 15"),
+    ("config.yaml", "  timeout: 60.0 ", "  timeout: 1:30 ", "reads '1:30' but YAML 1.1"
+     " (Hydra, conf/) reads 90"),
+    ("config.yaml", "  nesterov: true", "  nesterov: yes", "reads 'yes' but YAML 1.1"),
+    ("config.yaml", "  vflip: false", "  on: false", "reads 'on' but YAML 1.1 (Hydra, conf/)"
+     " reads True"),  # a key read otherwise
+    ("model/mlp.yaml", "  dropout: 0.0\n", "  dropout: 0.0\n  dropout: 0.1\n",
+     'conf/model/mlp.yaml: not valid YAML: line 7, column 3: found duplicate key "dropout"'),
+    # Any file of conf/, chosen or not: `dvc exp run` reads them all to compose.
+    ("recipe/cifar10-fast.yaml", "train:", "train: [", "conf/recipe/cifar10-fast.yaml: not"
+     " valid YAML: line"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("file, text, mistake, message", CONF_MISTAKES)
+def test_a_conf_value_read_two_ways_is_one_line_naming_where(
+    repo_copy, monkeypatch, file, text, mistake, message
+):
+    path = repo_copy / "conf" / file
+    assert text in path.read_text()
+    path.write_text(path.read_text().replace(text, mistake, 1))
+    with pytest.raises(params.ParamsError) as caught:
+        params.compose(repo_copy / "conf")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert params.load("params.yaml")  # by hand, params.yaml is what runs
+    # Inside `dvc exp run`, which composed params.yaml from conf/ just now, a stage says it.
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-pogo")
+    with pytest.raises(params.ParamsError, match=re.escape(message)):
+        params.load("params.yaml")
+
+
+def test_the_repository_conf_reads_alike_in_yaml_1_1_and_1_2():
+    params.check_conf(CONF)

@@ -1,11 +1,17 @@
-"""Ctrl-C / SIGTERM inside a held block (an MLflow write) wait for the block to end."""
+"""Ctrl-C / SIGTERM inside a held block (an MLflow write) wait for the block to end; Ctrl-C
+while a command still imports its modules is one line and exit 130."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
+from helpers.processes import env
 
 from stages.core import errors, tracking
 from stages.core.errors import Interrupted
@@ -64,3 +70,42 @@ def test_an_interrupt_while_the_run_is_created_ends_it_failed(tmp_path, monkeypa
         [mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id]
     )
     assert run.info.status == "FAILED"
+
+
+# --- Ctrl-C while a command is still importing its modules --------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mapped(pid: int, library: str) -> bool:
+    """Whether process `pid` has loaded a shared library whose path holds `library`."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it has ended
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize(
+    "library",
+    ["_pydantic_core", "libtorch_cpu"],
+    ids=["importing the cli (its handler not yet installed)", "importing the stage (torch)"],
+)
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, library):
+    """A signal at a set moment (0.3 s) lands anywhere on a busy machine, Python's own start
+    included; the moment is taken from the libraries the process has loaded instead."""
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "stages", "train"], cwd=tmp_path, env=env(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not mapped(child.pid, library) and child.poll() is None:
+        assert time.monotonic() < deadline, f"{library} never loaded"
+        time.sleep(0.002)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert err.splitlines() == ["error: interrupted by Ctrl-C (SIGINT)"], err
+    assert out == "" and not (tmp_path / "out").exists()

@@ -76,8 +76,8 @@ def smallest_input(name: str, options: dict[str, Any], size: int) -> int | None:
 
 
 def build_model(p: Params, data: Processed) -> nn.Module:
-    """params.yaml's model for the processed data: its classes, crop size and normalisation."""
-    check_model_params(p)
+    """params.yaml's model for the processed data: its classes, crop size and normalisation
+    (`p` validated by stages.params.load, the registry's checks included)."""
     if p.train.crop_size > data.image_size + 2 * p.train.pad:  # data made by other params
         raise PipelineError(
             f"train.crop_size is {p.train.crop_size} but the processed images are"

@@ -1,25 +1,15 @@
-"""The run's values: params.yaml, composed from conf/ by Hydra, read once and validated here.
+"""What params.yaml must hold: one pydantic model per section, strict and without defaults.
 
-conf/ decides every value: conf/config.yaml, then the chosen dataset's, model's and recipe's
-files (conf/dataset/, conf/model/, conf/recipe/), then `-S` overrides. `dvc exp run` composes
-them into params.yaml before the stages run; `compose()` does the same for `convnet compose` and
-for a stage's `-S model=...`. `dvc repro` and every stage read params.yaml as it stands.
-
-The CLI calls `load()`; every stage function receives the resulting `Params` and never opens
-params.yaml itself. params.yaml is read as DVC reads it (YAML 1.2, ruamel.yaml), so DVC and the
-stages agree on every value (`yes` is a string to both). Every key is checked: present, exact
-types (no "3" for an integer, no 1 for a boolean), finite numbers, ranges, choices, unknown
-keys; a failure raises `ParamsError` naming the key, which the CLI turns into one line and exit
-code 2. What a key means for a dataset or a model (does the crop fit its images, is it an option
-of that model) is checked by the dataset sources and the model registry, which the CLI calls
-right after `load()`.
+Every key is checked: present, exact types (no "3" for an integer, no 1 for a boolean), finite
+numbers, ranges, choices, unknown keys; a failure raises `ParamsError` naming the key. What a
+key means for a dataset or a model (does the crop fit its images, is it an option of that
+model) is the registries' to say: `stages.params.load` asks them after these models.
 """
 
 from __future__ import annotations
 
 import re
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -34,13 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-from stages.core.errors import ParamsError
 from stages.core.validation import check, params_error
 
 # What train.device and every --device accept.
 DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"
-# The config groups of conf/: a `-S` naming one of them picks a file of that folder.
-GROUPS = ("dataset", "model", "recipe")
 
 
 class _Section(BaseModel):
@@ -233,9 +220,8 @@ class ReportParams(_Section):
 
 class Params(_Section):
     seed: int = Field(ge=0, le=2**32 - 1)  # the range numpy and scikit-learn take
-    # Checked against the dataset sources and the model registry by the CLI (see the module's
-    # docstring): keeping them out of this module keeps the registry out of the stages that
-    # never build a model, so editing a net reruns only the stages that use it.
+    # Checked against the dataset sources and the model registry by `load` (see the module's
+    # docstring).
     dataset: str
     model: str
     recipe: str  # the conf/recipe/ file that set the values, or "none"
@@ -259,186 +245,6 @@ class Params(_Section):
         # How many processes decode changes nothing in the result.
         pre = self.preprocess.model_dump(exclude={"workers"})
         return {"seed": self.seed, "dataset": self.dataset, "preprocess": pre}
-
-
-def read(path: Path | str) -> dict[str, Any]:
-    """params.yaml (or any YAML mapping) as DVC reads it: YAML 1.2, a key given twice is an
-    error. ParamsError names the file, and for YAML errors the line and column."""
-    from ruamel.yaml import YAML, YAMLError
-
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: not found; run from the repository root")
-    if not path.is_file():
-        raise ParamsError(f"{path}: not a file; --params takes a YAML file like params.yaml")
-    try:
-        data = YAML(typ="safe").load(path.read_text())
-    except YAMLError as err:
-        raise ParamsError(f"{path}: {_yaml_problem(err)}") from None
-    except UnicodeDecodeError:
-        raise ParamsError(f"{path}: not a text file; --params takes a YAML file") from None
-    if data is None or data == {}:
-        raise ParamsError(f"{path}: is empty; it must set the pipeline's parameters")
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: must be a mapping of keys to values")
-    return data
-
-
-def _yaml_problem(err: Exception) -> str:
-    """ruamel's multi-line report as one phrase: where, what, and inside what."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None)
-    if mark is None or problem is None:
-        return f"not valid YAML ({' '.join(str(err).split())[:200]})"
-    where = f"line {mark.line + 1}, column {mark.column + 1}"
-    problem = problem.split(' with value "')[0]  # a duplicate key: the value adds nothing
-    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
-    inside = f" ({context} that starts on line {start.line + 1})" if context and start else ""
-    return f"not valid YAML: {where}: {problem}{inside}"
-
-
-def conf_dir(params_file: Path | str) -> Path:
-    """The conf/ folder that params.yaml is composed from: beside it."""
-    return Path(params_file).resolve().parent / "conf"
-
-
-def compose(conf: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """conf/ composed as `dvc exp run -S <overrides>` composes params.yaml, as plain dicts.
-
-    The same Hydra calls DVC makes (compose, then resolve); `yaml_text()` writes the result as
-    DVC writes params.yaml. A failure is one ParamsError: an unknown group option or key, a
-    malformed override, a key some file should have set left `???`.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not (conf / "config.yaml").is_file():
-        raise ParamsError(f"{conf}/config.yaml: not found; params are composed from conf/")
-    try:
-        with initialize_config_dir(str(conf.resolve()), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        data = OmegaConf.to_container(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ParamsError(_hydra_problem(str(err), conf, overrides)) from None
-    if missing:
-        raise ParamsError(
-            f"{missing[0]}: no value; conf/config.yaml marks it ??? for every file of a group"
-            " (conf/dataset/ or conf/model/) to set, and the chosen one does not"
-        )
-    return data
-
-
-def _hydra_problem(text: str, conf: Path, overrides: list[str] | tuple[str, ...]) -> str:
-    """Hydra's report (several lines, its search path) as one line naming the key."""
-    if found := re.search(r"Could not find '(\w+)/([^']*)'", text):
-        group, name = found.groups()
-        options = sorted(f.stem for f in (conf / group).glob("*.yaml"))
-        return f"{group}: no {group} {name!r} in conf/{group}/; one of: {', '.join(options)}"
-    if found := re.search(r"Could not override '([^']+)'", text):
-        return (
-            f"{found.group(1)}: not a key of params.yaml for this dataset and model"
-            " (`convnet compose` shows them all)"
-        )
-    first = text.strip().splitlines()[0] if text.strip() else type(text).__name__
-    return f"-S {' '.join(overrides) or '(none)'}: {first}"
-
-
-def yaml_text(data: dict[str, Any]) -> str:
-    """`data` written as DVC writes a composed params.yaml (OmegaConf's YAML)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(data))
-
-
-def choices(data: dict[str, Any]) -> list[str]:
-    """The group choices a params.yaml records, as overrides: ["dataset=digits", ...]."""
-    picked = [f"{g}={data[g]}" for g in GROUPS if isinstance(data.get(g), str)]
-    return [c for c in picked if c != "recipe=none"]
-
-
-def load(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read params.yaml, apply `-S` overrides, validate, return Params. Errors name the file.
-
-    The overrides take Hydra's syntax, as `dvc exp run -S` does. A plain key (`train.lr=0.05`)
-    changes that value of params.yaml as it stands. Choosing a dataset, model or recipe
-    (`model=resnet50`) composes conf/ (beside params.yaml) with all the overrides, exactly as
-    `dvc exp run -S ...` would, so the model comes with its own values.
-    """
-    path = Path(path)
-    data = read(path)
-    parsed = _parse(overrides)
-    if any(key in GROUPS for key, _ in parsed):
-        data = compose(conf_dir(path), overrides)
-    else:
-        for key, value in parsed:
-            _set(data, key, value)
-    try:
-        return from_dict(data)
-    except ParamsError as err:
-        raise ParamsError(f"{path}: {err}") from None
-
-
-_DELETE = object()  # the value of a `~key` override: take the key out
-
-
-def _parse(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
-    """(key, value) of each `key=value` (`+key=value` adds one, `~key` takes one out), its
-    value read by Hydra's override grammar (what `dvc exp run -S` reads: `1e-3` a number,
-    `[a,b]` a list, `null` None)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parsed = []
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not (sep or item.startswith("~")) or not key.strip("+~"):
-            raise ParamsError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        try:
-            [override] = OverridesParser.create().parse_overrides([item])
-        except HydraException as err:
-            problem = " ".join(str(err).split())
-            raise ParamsError(f"-S {item!r}: not a valid override ({problem})") from None
-        if override.is_sweep_override():
-            raise ParamsError(
-                f"-S {item!r}: a sweep runs one experiment per value; a stage takes one"
-                " value (`dvc exp run --queue -S ...` runs the sweep)"
-            )
-        value = _DELETE if override.is_delete() else override.value()
-        parsed.append((override.key_or_group, value))
-    return parsed
-
-
-def _set(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    *parents, leaf = key.split(".")
-    for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ParamsError(f"-S {key}: {'.'.join(parents[: i + 1])} is not a section")
-    if value is _DELETE:
-        node.pop(leaf, None)
-    else:
-        node[leaf] = value
-
-
-def drift(path: Path | str, p: Params) -> list[str]:
-    """The keys where params.yaml differs from what conf/ composes for its own dataset, model
-    and recipe: values a `-S` or a hand edit put there, which the next `dvc exp run` replaces
-    by conf/'s. Empty where there is no conf/ beside params.yaml, or nothing differs."""
-    conf = conf_dir(path)
-    if not (conf / "config.yaml").is_file():
-        return []
-    try:
-        composed = flatten(compose(conf, choices(p.to_dict())))
-    except ParamsError:
-        return []  # a conf/ that does not compose is not this run's problem
-    here = flatten(p.to_dict())
-    return sorted(k for k in here.keys() | composed.keys() if here.get(k) != composed.get(k))
 
 
 def from_dict(data: dict[str, Any]) -> Params:
