@@ -70,10 +70,9 @@ def test_onecycle_rises_then_falls_linearly():
 
 
 def test_linear_decays_to_zero_after_the_warmup():
-    linear = {"schedule": "linear"}
-    t = train_settings(epochs=5, warmup_epochs=1).model_copy(update=linear)
+    t = train_settings(epochs=5, schedule="linear", warmup_epochs=1)
     assert rates(t, 1) == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25])
-    t = train_settings(epochs=2, warmup_epochs=0).model_copy(update=linear)
+    t = train_settings(epochs=2, schedule="linear", warmup_epochs=0)
     assert rates(t, 2) == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 

@@ -109,7 +109,7 @@ class TrainParams(_Section):
     momentum: float = Field(ge=0, lt=1)
     nesterov: bool
     weight_decay: float = Field(ge=0)
-    schedule: Literal["cosine", "step", "constant", "onecycle", "plateau"]
+    schedule: Literal["cosine", "step", "constant", "linear", "onecycle", "plateau"]
     warmup_epochs: NonNegativeInt  # at most `epochs`, or the rate never reaches `lr`
     step_epochs: PositiveInt  # "step" schedule: divide the rate by 10 every step_epochs
     label_smoothing: float = Field(ge=0, lt=1)
