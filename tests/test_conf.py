@@ -86,6 +86,24 @@ def test_every_recipe_composes_validates_and_wins(name):
         assert flat[key] == value, (name, key)  # the recipe's values beat the model's
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_recipe_states_only_what_it_changes(name):
+    """A value a recipe repeats from its dataset's or model's file reads as a choice and hides
+    the one that counts: each recipe value differs from what the same choice composes without
+    the recipe."""
+    recipe = group_file("recipe", name)
+    choices = [  # the recipe's defaults: {"override /model": "resnet18"}, ..., "_self_"
+        f"{key.removeprefix('override /')}={value}"
+        for entry in recipe["defaults"]
+        if isinstance(entry, dict)
+        for key, value in entry.items()
+    ]
+    inherited = params.flatten(params.compose(CONF, choices))
+    own = params.flatten({k: v for k, v in recipe.items() if k not in ("defaults", "recipe")})
+    repeated = sorted(key for key, value in own.items() if inherited[key] == value)
+    assert not repeated, (name, repeated)
+
+
 def test_a_choice_on_the_command_line_beats_the_recipe():
     """The recipe's values stay, on the dataset given with -S (its crop size given too)."""
     chosen = ["recipe=tiny-imagenet-cpu", "dataset=digits", "train.crop_size=28"]
