@@ -31,6 +31,7 @@ from stages import train as train_stage  # noqa: E402
 from stages.data.processed import Processed  # noqa: E402
 from stages.data.stream import Resident  # noqa: E402
 from stages.engine import device as device_module  # noqa: E402
+from stages.engine import provenance  # noqa: E402
 from stages.engine.distributed import Dist  # noqa: E402
 from stages.engine.inference import predict_proba  # noqa: E402
 from stages.engine.loop import train_one_epoch  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> None:
     data = fabricated(p, batch * (a.steps + 2))
     torch.manual_seed(p.seed)
     run, notes = train_stage._build(p, Dist(), CPU, data)  # exactly as the train stage builds it
-    flags = " ".join(sorted(device_module.cpu_flags() & device_module._SPEED_FLAGS))
+    flags = provenance.machine(CPU)["cpu_flags"]
     print(f"{device_module.cpu_name()} [{flags}], torch {torch.__version__},"
           f" {torch.get_num_threads()} threads; {a.recipe}: {p.model}, batch {batch},"
           f" {p.train.crop_size} px; {run.speed.label} ({'; '.join(notes)})")  # fmt: skip

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 
 import mlflow
@@ -39,13 +38,11 @@ from stages.data.stream import Resident, Streamed
 from stages.engine import distributed, pretrained, provenance, serving
 from stages.engine.device import (
     Speed,
-    cached_rates,
     has_conv,
     memory_budget,
     prepare,
     resolve_device,
     resolve_speed,
-    step_rates,
 )
 from stages.engine.distributed import Dist
 from stages.engine.loop import TrainingError, run_epoch, steps_per_epoch
@@ -58,9 +55,6 @@ from stages.explain import histograms
 from stages.params import Params, TrainParams, flatten
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-# Measuring the speed settings `auto` leaves open takes about 10 steps per candidate: worth it
-# for runs of this many steps or more.
-MEASURED_RUNS = 200
 
 
 def _write_history(rows: list[dict]) -> None:
@@ -250,19 +244,11 @@ def _build(
     model = pretrained.initialise(build_model(params, data), params)  # scratch|pretrained|PATH
     per_rank = max(1, settings.batch_size // dist.world)  # train.batch_size is the global batch
     steps = steps_per_epoch(len(data.train_labels), settings.batch_size, dist.world)
-    # What `auto` leaves open is measured on this model (rank 0, once per machine: cached), and
-    # every rank trains as rank 0 chose; a run too short to repay the measurement's steps takes
-    # the first candidate.
-    key = f"{params.model} {json.dumps(params.net, sort_keys=True)} {len(data.classes)} classes"
-    measure = cached_rates(
-        f"{key}, batch {per_rank}, {settings.crop_size} px",
-        lambda candidates: step_rates(model, candidates, per_rank, settings.crop_size),
-    )
-    worth = dist.main and steps * settings.epochs >= MEASURED_RUNS
     speed, notes = resolve_speed(
         device, settings.precision, settings.memory_format, settings.compile,
-        settings.cudnn_benchmark, has_conv(model), measure if worth else None,
+        settings.cudnn_benchmark, has_conv(model),
     )  # fmt: skip
+    # Every rank trains as rank 0 decided (nodes of a multi-node run may differ in hardware).
     dtype, channels_last = distributed.from_main(dist, (speed.dtype, speed.channels_last))
     speed = dataclasses.replace(speed, dtype=dtype, channels_last=channels_last)
     model = prepare(model, speed)

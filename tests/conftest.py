@@ -10,8 +10,8 @@ from helpers.processes import clone
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_of_the_session(tmp_path_factory):
-    """Training measures speed settings and keeps them in the user's cache folder: the tests
-    keep theirs in a folder of the session's, never in the home folder."""
+    """Libraries keep caches in the user's cache folder (torch hub's weights, matplotlib's font
+    list): the tests keep theirs in a folder of the session's, never in the home folder."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 

@@ -1040,3 +1040,42 @@ def test_dvc_exp_run_refuses_a_value_before_dvc_removes_any_output(repo):
         assert message in error, said
         after = snapshot(path)
         assert after == {k: v for k, v in before.items() if k != "out/inputs.json"}, value
+
+
+# --- speed settings: `precision: auto` reads and writes no cache ----------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("home", ["folder", "empty"])
+def test_precision_auto_reads_and_writes_nothing_outside_the_workspace(home, template, tmp_path):
+    """An empty home folder with a relative XDG_CACHE_HOME, or an empty HOME, and a speed.json of
+    the wrong shape where measured speeds were once cached: `train` with `precision: auto`
+    decides from the hardware, reads none of them and writes nothing there."""
+    from stages.engine.device import bf16_in_hardware
+
+    root = workspace(template, tmp_path)
+    speeds = root / "cache/convnet-pipeline/speed.json"  # XDG_CACHE_HOME=cache: in root
+    write(str(speeds.relative_to(root)), json.dumps({"alexnet": "not a rate"}))(root)
+    folder = tmp_path / "home"
+    folder.mkdir()
+    # matplotlib keeps its font list in the user's cache folder (a library's cache, rightly
+    # there): elsewhere here, so that the folders hold what the project alone writes.
+    extra = {"MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    extra |= {"HOME": str(folder), "XDG_CACHE_HOME": "cache"} if home == "folder" else {"HOME": ""}
+    environment = env(root, **extra)
+    if home == "empty":
+        environment.pop("XDG_CACHE_HOME", None)  # the cache folder would be $HOME/.cache
+    args = ["-S", "train.precision=auto", "-S", "train.memory_format=auto"]
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", "train", *args], cwd=root, env=environment,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    precision = "bf16" if bf16_in_hardware(torch.device("cpu")) else "fp32"
+    assert f"precision auto -> {precision} (the CPU " in result.stdout.splitlines()[0]
+    ran = json.loads((root / "out/train/run.json").read_text())
+    assert ran["precision"] == precision
+    assert list(folder.iterdir()) == []
+    assert not (root / ".cache").exists()  # where an empty HOME's ~/.cache lands
+    assert [f for f in (root / "cache").rglob("*") if f.is_file()] == [speeds]
+    assert json.loads(speeds.read_text()) == {"alexnet": "not a rate"}

@@ -22,7 +22,10 @@ from stages.data.augment import augment
 from stages.engine.distributed import Dist
 
 # Every random draw of the loop (crop, flip, vertical flip, brightness, cutout) in play.
-TRAIN = {"epochs": 2, "optimizer": "sgd", "pad": 2, "brightness": 0.3, "cutout": 3, "vflip": True}
+# fp32: bf16 (what `precision: auto` takes on a CPU with AMX) rounds each rank's half batch
+# otherwise than the whole batch, by far more than the summing order (0.03 in a bias, measured).
+TRAIN = {"epochs": 2, "optimizer": "sgd", "pad": 2, "brightness": 0.3, "cutout": 3, "vflip": True,
+         "precision": "fp32"}  # fmt: skip
 
 
 def test_ranks_slices_of_a_global_batch_augment_like_the_whole_batch():

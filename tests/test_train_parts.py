@@ -167,7 +167,7 @@ def test_memory_format_auto_is_channels_last_for_conv_nets_and_inputs_follow():
     flat, _ = resolve_speed(cpu, "auto", "auto", has_conv=False)
     forced, _ = resolve_speed(cpu, "auto", "contiguous", has_conv=True)
     assert conv.channels_last and not flat.channels_last and not forced.channels_last
-    assert "memory_format auto -> channels_last" in notes
+    assert "memory_format auto -> channels_last (a conv net)" in notes
     images = torch.randint(0, 256, (4, 12, 12, 3), dtype=torch.uint8)
     x = augment(images, 8, 0, True, torch.Generator().manual_seed(0))  # (4, 3, 8, 8)
     assert conv.inputs(x).is_contiguous(memory_format=torch.channels_last)

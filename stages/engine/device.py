@@ -7,12 +7,7 @@ with the reason printed, never silently.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
-import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +16,6 @@ import torch
 from torch import nn
 
 from stages.core.errors import PipelineError
-from stages.core.files import atomic_path
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,16 +80,13 @@ class Speed:
 
     @property
     def label(self) -> str:
-        """ "bf16/channels_last": how notes and the speed cache name it."""
+        """ "bf16/channels_last"."""
         return f"{self.precision}/{self.memory_format}"
 
 
 # The CPU flags with which oneDNN runs bf16 convolutions and matmuls in hardware (AVX512-BF16,
-# AMX). Without them bf16 is emulated: 0.08-0.10x fp32 on an AVX2-only CPU (BENCHMARKS.md).
+# AMX). Without them bf16 is emulated.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-# Measured is at least this much faster than the first candidate, or the first is kept: the
-# measurement takes a few steps, and noise of a few percent must not flip the choice.
-MARGIN = 1.05
 
 
 def cpu_flags() -> frozenset[str]:
@@ -118,14 +109,13 @@ def cpu_name() -> str:
 
 
 def bf16_in_hardware(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: a GPU that supports it, a CPU with
-    AVX512-BF16 or AMX."""
+    """Whether `device` computes bf16 in hardware: a GPU of compute capability 8.0 or later
+    (Ampere; earlier ones only emulate it, slower than fp32) or ROCm, a CPU with AVX512-BF16 or
+    AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):  # the GPU this run uses, not the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(cpu_flags() & BF16_FLAGS)
-
-
-Measure = Callable[[list["Speed"]], dict["Speed", float]]
 
 
 def resolve_speed(
@@ -135,15 +125,22 @@ def resolve_speed(
     compile: bool = False,
     cudnn_benchmark: bool = True,
     has_conv: bool = True,
-    measure: Measure | None = None,
 ) -> tuple[Speed, list[str]]:
     """Speed settings for `device` from params.yaml values, plus one note per decision.
 
-    `auto` takes what the device can do: on a GPU bf16 where it has it and channels_last for conv
-    nets. On a CPU what pays depends on the CPU and the model (channels_last ran resnet18 1.1x
-    faster and resnet50 10x slower on one AVX2 CPU; bf16 1.5x faster with AMX, 10x slower
-    without): fp32 without bf16 hardware, and where more than one candidate remains, `measure`
-    (images/s of a few training steps of each) picks. Without `measure` the first is taken.
+    `auto` is a rule on what the hardware can do, not a timing, so that a reader can predict it
+    and a busy moment cannot decide it:
+    - precision: bf16 where the device computes it in hardware, else fp32. BENCHMARKS.md ("CPU
+      precision, memory format and compile"): on a 2-core Xeon with AMX and AVX512-BF16 a
+      tiny-imagenet-cpu epoch (resnet18) ran 1.41x faster in bf16 than in the best fp32 setting,
+      its training step 1.53-1.67x, its 10-crop evaluation 3.0x, the loss step for step the
+      same; on an AVX2-only CPU (emulated bf16) resnet18 and alexnet trained at 0.08-0.10x fp32.
+    - memory_format: channels_last for conv nets, contiguous otherwise. BENCHMARKS.md: 1.1x for
+      resnet18 and alexnet in fp32 on the AVX2 CPU, 1.08x in bf16 on the AMX one (407 against
+      377 images/s). Models it slows down say so in conf/model/ (resnet50: contiguous).
+    Timing the candidates instead gains nothing over the rule: idle, a timing chose what the rule
+    chooses (BENCHMARKS.md: bf16, channels_last, 384 images/s against 380 set by hand); under
+    load it chose by the load (docs/results.md: fp32 for resnet18 on the same AMX machine).
     """
     notes: list[str] = []
     cuda = device.type == "cuda"
@@ -153,36 +150,22 @@ def resolve_speed(
     if memory_format == "channels_last" and not has_conv:
         notes.append("memory_format channels_last skipped: the model has no convolutions")
         memory_format = "contiguous"
-    dtypes = (
-        [precision] if precision != "auto"
-        else ["bf16"] if cuda and bf16_in_hardware(device)
-        else ["fp32", "bf16"] if bf16_in_hardware(device)
-        else ["fp32"]
-    )  # fmt: skip
-    formats = (
-        [memory_format] if memory_format != "auto"
-        else ["contiguous"] if not has_conv
-        else ["channels_last"] if cuda
-        else ["channels_last", "contiguous"]
-    )  # fmt: skip
+    if precision == "auto":
+        bf16 = bf16_in_hardware(device)
+        precision = "bf16" if bf16 else "fp32"
+        why = (
+            ("the GPU computes bf16" if bf16 else "the GPU has no bf16 in hardware") if cuda
+            else f"the CPU has {' and '.join(sorted(cpu_flags() & BF16_FLAGS))}" if bf16
+            else "the CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated"
+        )  # fmt: skip
+        notes.append(f"precision auto -> {precision} ({why})")
+    if memory_format == "auto":
+        memory_format = "channels_last" if has_conv else "contiguous"
+        why = "a conv net" if has_conv else "no convolutions"
+        notes.append(f"memory_format auto -> {memory_format} ({why})")
     if compile and not cuda and shutil.which("c++") is None and shutil.which("g++") is None:
         notes.append("compile skipped: torch.compile on the CPU needs a C++ compiler (none found)")
         compile = False
-    candidates = [
-        Speed(device, DTYPES[d], f == "channels_last", compile) for d in dtypes for f in formats
-    ]
-    speed = candidates[0]
-    if len(candidates) > 1 and measure is not None:
-        rates = measure(candidates)
-        best = max(candidates, key=lambda s: rates[s])
-        speed = best if rates[best] >= MARGIN * rates[speed] else speed
-        shown = ", ".join(f"{s.label} {rates[s]:.0f}" for s in candidates)
-        notes.append(f"measured images/s: {shown}")
-    if precision == "auto":
-        why = "bf16 in hardware" if bf16_in_hardware(device) else "no bf16 in hardware"
-        notes.append(f"precision auto -> {speed.precision} ({why})")
-    if memory_format == "auto":
-        notes.append(f"memory_format auto -> {speed.memory_format}")
     if cuda:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         # TF32 matmuls/convolutions: Ampere+ tensor cores at ~fp32 accuracy for training.
@@ -190,77 +173,8 @@ def resolve_speed(
         torch.backends.cudnn.allow_tf32 = True
     elif cudnn_benchmark:
         notes.append("cudnn_benchmark skipped: CPU")
+    speed = Speed(device, DTYPES[precision], memory_format == "channels_last", compile)
     return speed, notes
-
-
-def step_rates(
-    model: nn.Module, candidates: list[Speed], batch: int, size: int, rounds: int = 3
-) -> dict[Speed, float]:
-    """Images/s of a training step (forward, backward, SGD update) of a copy of `model` on a
-    random batch, under each candidate: the best of `rounds` interleaved rounds of two timed
-    steps after one warm-up (so a busy moment hurts every candidate alike). The model, its
-    weights and the random number generators are left as they were."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        nets = {s: prepare(copy.deepcopy(model), s).train() for s in candidates}
-        x = torch.rand(batch, 3, size, size, device=candidates[0].device)  # (B, 3, S, S)
-        first = nets[candidates[0]].eval()
-        with torch.no_grad():
-            classes = first(candidates[0].inputs(x[:2])).shape[1]
-        first.train()
-        y = torch.randint(0, classes, (batch,), device=x.device)  # (B,)
-        best = dict.fromkeys(candidates, 0.0)
-        for _ in range(rounds):
-            for s in candidates:
-                net = nets[s]
-                optimizer = torch.optim.SGD(net.parameters(), lr=1e-9)
-                for step in range(3):  # the first is a warm-up
-                    tic = time.perf_counter()
-                    with s.autocast():
-                        loss = nn.functional.cross_entropy(net(s.inputs(x)), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if step:
-                        best[s] = max(best[s], batch / (time.perf_counter() - tic))
-    return best
-
-
-def cached_rates(key: str, measure: Measure) -> Measure:
-    """`measure`, remembered per machine and `key` (the model and its input) in the user's
-    cache folder, so each choice costs its seconds once."""
-
-    def rates(candidates: list[Speed]) -> dict[Speed, float]:
-        path = cache_file()
-        machine = f"{cpu_name()} [{' '.join(sorted(cpu_flags() & _SPEED_FLAGS))}]"
-        entry = f"{machine} torch {torch.__version__} x{torch.get_num_threads()} {key}"
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        known = cache.get(entry, {}) if isinstance(cache, dict) else {}
-        if all(s.label in known for s in candidates):
-            return {s: float(known[s.label]) for s in candidates}
-        found = measure(candidates)
-        cache = cache if isinstance(cache, dict) else {}
-        cache[entry] = known | {s.label: round(r, 1) for s, r in found.items()}
-        with contextlib.suppress(OSError):  # a cache that cannot be written costs a measurement
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        return found
-
-    return rates
-
-
-# The flags that decide which kernels run (and so which setting is fastest).
-_SPEED_FLAGS = BF16_FLAGS | {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "fma"}
-
-
-def cache_file() -> Path:
-    """Where measured speeds are kept: $XDG_CACHE_HOME (default ~/.cache)/convnet-pipeline/."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "convnet-pipeline" / "speed.json"
 
 
 def prepare(model: nn.Module, speed: Speed) -> nn.Module:
