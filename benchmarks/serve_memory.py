@@ -11,6 +11,12 @@ gone quiet (VmRSS: no CPU used for 2 s; MLflow answers 504 past its request time
 but the request's work goes on). The server is killed, and the run reported as stopped, if its
 resident memory passes --stop-at GiB (a guard for a shared machine). Extra environment for the
 server: --env NAME=VALUE (repeatable).
+
+    python benchmarks/serve_memory.py --modes [--side 4000]
+
+instead prints what decoding one image costs in this process, per mode of the file: the peak
+resident memory over the process's before it, per decoded pixel (one-colour images of --side
+x --side; a PNG, a TIFF for CMYK).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -78,6 +85,35 @@ def server_pid(parent: int) -> int | None:
     return None
 
 
+MODES = {  # mode: (colour, format, save options)
+    "RGB": ((10, 200, 30), "PNG", {}),
+    "L": (80, "PNG", {}),
+    "P": (5, "PNG", {}),
+    "P, transparent": (3, "PNG", {"transparency": 3}),
+    "RGBA": ((10, 20, 30, 128), "PNG", {}),
+    "LA": ((50, 100), "PNG", {}),
+    "I;16": (4000, "PNG", {}),
+    "CMYK": ((1, 2, 3, 4), "TIFF", {"compression": "tiff_deflate"}),
+}
+
+
+def per_mode(side: int) -> None:
+    """Peak resident memory of decode_image per decoded pixel, for each of MODES."""
+    from stages.data.images import decode_image
+
+    for name, (colour, fmt, options) in MODES.items():
+        buffer = io.BytesIO()
+        Image.new(name.split(",")[0], (side, side), colour).save(buffer, fmt, **options)
+        data = buffer.getvalue()
+        del buffer
+        ctypes.CDLL(None).malloc_trim(0)  # what was freed, handed back: not reused unseen
+        Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+        before = memory(os.getpid())["VmRSS"]
+        decode_image(data, 32)
+        peak = memory(os.getpid())["VmHWM"] - before
+        print(f"{name:15} {len(data) / 1000:6.0f} KB  peak {peak / side**2:5.1f} bytes a pixel")
+
+
 def post(url: str, body: bytes) -> tuple[int, str]:
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     try:
@@ -96,7 +132,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600, help="mlflow models serve -t (s)")
     ap.add_argument("--stop-at", type=float, default=10.0, help="GiB: kill the server past it")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
+    ap.add_argument("--modes", action="store_true", help="what decoding costs, per mode")
     args = ap.parse_args()
+    if args.modes:
+        return per_mode(args.side if args.side != 9400 else 4000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = save_model(root)
