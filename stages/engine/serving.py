@@ -21,7 +21,9 @@ pixels an image, whatever the file's size). A budget of decoded pixels in flight
 process (`CONVNET_SERVE_PIXELS`, default one image at that limit), bounds it: an image decodes
 once its pixels fit in what the other decodes leave, in turn; a request that waits half of
 MLflow's request timeout for it is answered 503 (TEMPORARILY_UNAVAILABLE), and an image larger
-than the whole budget 400. The network runs one request's images at a time.
+than the whole budget 400 (images given as paths, in Python, are read outside it). A decoded
+image's memory goes back to the system once it is freed (`_large_blocks_mapped`), and the
+network runs one request's images at a time.
 
 The served model needs this project installed (`--env-manager local`): the logged model's code
 is stages/engine/pyfunc_code.py, which imports this module.
