@@ -4,6 +4,7 @@ through `mlflow models serve` over loopback HTTP."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -11,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -142,13 +145,28 @@ def test_a_bad_image_or_param_is_one_line_naming_it(logged, tmp_path):
         assert message in info.value.message and "\n" not in info.value.message
 
 
+class Server(NamedTuple):
+    url: str  # the invocations URL
+    pid: int  # the process that runs the model (uvicorn, started by `mlflow models serve`)
+
+
+def _child(parent: int, name: bytes) -> int:
+    """The process whose parent is `parent` and whose command line holds `name`."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and name in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    raise AssertionError(f"no {name.decode()} process started by {parent}")
+
+
 @contextlib.contextmanager
-def served(uri: str, store: str, cwd: Path) -> Iterator[str]:
+def served(uri: str, store: str, cwd: Path, **extra: str) -> Iterator[Server]:
     """`mlflow models serve -m uri --env-manager local` on 127.0.0.1 (its own process group,
-    stopped whole); yields the invocations URL once /ping answers."""
+    stopped whole), `extra` in its environment; yields it once /ping answers."""
     port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONPATH=str(REPO))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONPATH=str(REPO), **extra)
     # `mlflow models serve` execs uvicorn by name: the virtualenv's, activated or not.
     env["PATH"] = f"{exe.parent}{os.pathsep}{env['PATH']}"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -168,7 +186,7 @@ def served(uri: str, store: str, cwd: Path) -> Iterator[str]:
                 alive = proc.poll() is None and time.monotonic() < deadline
                 assert alive, (cwd / "serve.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/invocations"
+        yield Server(f"http://127.0.0.1:{port}/invocations", _child(proc.pid, b"uvicorn"))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -180,12 +198,12 @@ def served(uri: str, store: str, cwd: Path) -> Iterator[str]:
         log.close()
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
+def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -210,7 +228,7 @@ def test_the_registered_model_served_over_http_answers_as_predict(tmp_path, monk
     picture.write_bytes(png(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)))  # resized
     [expected] = predict([picture], tmp_path / "out/train/model.pt", device="cpu")
     encoded = base64.b64encode(picture.read_bytes()).decode()
-    with served(f"models:/convnet-digits-mlp/{version}", store, tmp_path) as url:
+    with served(f"models:/convnet-digits-mlp/{version}", store, tmp_path) as (url, _):
         status, answer = post(url, {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}})
         assert status == 200, answer
         [row] = answer["predictions"]
@@ -233,3 +251,134 @@ def test_the_registered_model_served_over_http_answers_as_predict(tmp_path, monk
             # MLflow puts the request's data first; the last line is the model's own.
             assert answer["message"].splitlines()[-1] == f"Error: {reason}"
             assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+
+
+@pytest.fixture
+def budget(monkeypatch) -> Iterator[Callable[[int], serving.PixelBudget]]:
+    """The process's budget of decoded pixels, made anew of the pixels given (and again of the
+    environment after the test)."""
+
+    def make(pixels: int) -> serving.PixelBudget:
+        monkeypatch.setenv(serving.PIXELS, str(pixels))
+        serving._budget.cache_clear()
+        return serving._budget()
+
+    yield make
+    serving._budget.cache_clear()
+
+
+def test_the_budget_holds_pixels_in_turn(budget):
+    """Threads decode together only as many pixels as the budget holds, and in the order they
+    asked: a large image waiting first is not passed over by a small one that would fit."""
+    pixels = budget(100)
+    held, most, order = [0], [0], []
+    lock = threading.Lock()
+
+    def decode(name: str, n: int) -> None:
+        with pixels.hold(n, time.monotonic() + 30):
+            with lock:
+                held[0] += n
+                most[0] = max(most[0], held[0])
+                order.append(name)
+            time.sleep(0.1)
+            with lock:
+                held[0] -= n
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(decode, [f"t{i}" for i in range(8)], [40] * 8))
+    assert most[0] == 80  # two at a time, never three
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        order.clear()
+        with pixels.hold(60, time.monotonic() + 30):  # a decode under way
+            large = pool.submit(decode, "large", 100)
+            while len(pixels._line) < 1:  # the large one waits first...
+                time.sleep(0.01)
+            small = pool.submit(decode, "small", 30)  # ...the small one would fit beside the 60
+            while len(pixels._line) < 2:
+                time.sleep(0.01)
+        large.result(), small.result()
+    assert order == ["large", "small"] and pixels.free == 100
+
+
+def test_an_image_past_the_budget_is_400_and_no_room_in_time_503(logged, budget, monkeypatch):
+    """An image that decodes to more pixels than the whole budget is refused (400) before it is
+    decoded; a JPEG counts at the reduced scale it is decoded at. An image that finds no room
+    within half MLflow's request timeout is answered 503, saying why; once there is room it is
+    answered."""
+    model, _, _ = logged
+    budget(10_000)
+    rng = np.random.default_rng(2)
+    large = png(rng.integers(0, 255, (200, 100, 3), dtype=np.uint8))  # 20,000 pixels
+    with pytest.raises(MlflowException) as info:
+        model.predict(pd.DataFrame({"image": [large]}))
+    assert info.value.get_http_status_code() == 400
+    assert info.value.message == (
+        "image 0: decodes to 20,000 pixels, more than the 10,000 this server decodes at once"
+        " (CONVNET_SERVE_PIXELS); make it smaller"
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    photo = buffer.getvalue()  # 160,000 pixels, decoded at 1/8 scale for the 16 px model
+    assert len(model.predict(pd.DataFrame({"image": [photo]}))) == 1
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")  # waits 0.5 s
+    small = png(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    other = serving._budget().hold(9_900, time.monotonic())  # another request's decode
+    with other, pytest.raises(MlflowException) as info:
+        model.predict(pd.DataFrame({"image": [small, small]}))
+    assert info.value.get_http_status_code() == 503
+    assert info.value.message == (
+        "image 0: the server is busy decoding other images (at most 10,000 pixels at once,"
+        " CONVNET_SERVE_PIXELS) and had no room for it within 0.5 s; retry later"
+    )
+    assert len(model.predict(pd.DataFrame({"image": [small, small]}))) == 2
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-5", "1e9"])
+def test_a_bad_budget_stops_the_model_loading(logged, budget, value, monkeypatch):
+    _, _, uri = logged
+    monkeypatch.setenv(serving.PIXELS, value)
+    serving._budget.cache_clear()
+    with pytest.raises(MlflowException, match=f"^CONVNET_SERVE_PIXELS must be a positive number"
+                       f" of pixels, got '{value}'$"):  # fmt: skip
+        mlflow.pyfunc.load_model(uri)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Process `pid`'s resident memory now (VmRSS) and at its peak (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's /proc")
+def test_concurrent_large_images_stay_within_the_budget(logged, tmp_path):
+    """Twelve concurrent requests, each a 6000 x 6000 PNG (one colour: 100 KB that decode to
+    137 MiB as RGB), to `mlflow models serve` with a budget of one such image: every request is
+    answered as a lone one is, the server's peak resident memory grows by less than one and a
+    half decoded images (unbounded, its threads decode several at once, 5 or more, each
+    holding up to 4 copies), and falls back once they are answered (freed memory is handed
+    back to the system, not kept in the threads' arenas)."""
+    _, _, uri = logged
+    side, count = 6000, 12
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 120, 40)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    del buffer
+    body = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}
+    decoded = side * side * 4  # bytes: Pillow holds an RGB pixel in 4
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    extra = {serving.PIXELS: str(side * side), "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "600"}
+    with served(uri, store, tmp_path, **extra) as (url, pid):
+        status, alone = post(url, body, timeout=300)  # imports and first allocations done
+        assert status == 200, alone
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from here
+        before = memory(pid)["VmRSS"]
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            answers = list(pool.map(lambda _: post(url, body, timeout=300), range(count)))
+        after = memory(pid)
+    assert answers == [(200, alone)] * count
+    peak, kept, mib = after["VmHWM"] - before, after["VmRSS"] - before, 2**20
+    assert peak < 1.5 * decoded, f"peak +{peak / mib:.0f} MiB, an image {decoded / mib:.0f} MiB"
+    assert kept < decoded / 2, f"+{kept / mib:.0f} MiB kept once answered"

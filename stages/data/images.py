@@ -89,7 +89,10 @@ def _region(img: Image.Image, size: int) -> tuple[Image.Image, Box | None]:
     mx, my = 2 * max(sx, 1.0) + 1, 2 * max(sy, 1.0) + 1
     x0, y0 = max(0, math.floor(box[0] - mx)), max(0, math.floor(box[1] - my))
     x1, y1 = min(w, math.ceil(box[2] + mx)), min(h, math.ceil(box[3] + my))
-    return img.crop((x0, y0, x1, y1)), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    inside = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    if (x0, y0, x1, y1) == (0, 0, w, h):  # all of it (a square image): a crop would copy it
+        return img, inside
+    return img.crop((x0, y0, x1, y1)), inside
 
 
 # Modes Pillow gives 16-bit greyscale files (PNG, TIFF): "I;16*" or, from older Pillow or
@@ -98,17 +101,35 @@ _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """Any mode (grey, 16-bit grey, palette, CMYK, with or without transparency) as RGB."""
+    """Any mode (grey, 16-bit grey, palette, CMYK, with or without transparency) as RGB.
+
+    Consumes `img`: an image as large as MAX_PIXELS is never copied without need (`img` itself
+    when it is RGB already) and each step closes the image it was made from, so at most three
+    are held at once (a transparent one, while it is composited on white)."""
     if img.mode in _WIDE_GREY:
         # convert("RGB") clips 16-bit values at 255 (a scan turns white): scale them to 8 bits
-        # instead, rounding to nearest: v * 255 / 65535.
-        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W)
-        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+        # instead, rounding to nearest: v * 255 / 65535 (in place, in 32 bits).
+        wide = np.asarray(img).astype(np.int32)  # (H, W)
+        img.close()
+        np.clip(wide, 0, 65535, out=wide)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        img = Image.fromarray(wide.astype(np.uint8), "L")
+        del wide
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # Transparent pixels go on white, not on whatever colour they happen to hold.
-        rgba = img.convert("RGBA")
+        rgba = img
+        if img.mode != "RGBA":
+            rgba = img.convert("RGBA")
+            img.close()
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    return img.convert("RGB")
+        rgba.close()
+    if img.mode == "RGB":
+        return img
+    rgb = img.convert("RGB")
+    img.close()
+    return rgb
 
 
 class _FirstFrame:
@@ -129,26 +150,37 @@ def _note_first_frame(path: str | Path, frames: int) -> None:
         )
 
 
+def _open(path: str | Path, data: bytes, size: int, fit: bool) -> Image.Image:
+    """The file's bytes opened, its header read and nothing decoded yet: ImageFileError if it
+    would decode to another size than size x size (not `fit`) or to more than MAX_PIXELS. When
+    fitting, a JPEG is set to decode at a reduced scale that still covers `size`."""
+    img = Image.open(io.BytesIO(data))
+    if not fit and img.size != (size, size):  # said before decoding a single pixel
+        raise ImageFileError(path, f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
+    if fit:
+        img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageFileError(
+            path, f"is {w:,} x {h:,} pixels, more than the {MAX_PIXELS:,} an image may"
+            " decode to (Pillow's decompression-bomb limit); make it smaller"
+        )  # fmt: skip
+    return img
+
+
 def _pixels(path: str | Path, data: bytes, size: int, fit: bool) -> np.ndarray:
     """The file's bytes -> (size, size, 3) uint8 (see `_decode`)."""
-    with Image.open(io.BytesIO(data)) as img:
-        if not fit and img.size != (size, size):  # said before decoding a single pixel
-            raise ImageFileError(path, f"is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
+    with _open(path, data, size, fit) as img:
         frames = getattr(img, "n_frames", 1)  # opened at frame 0, the first one
         if frames > 1:
             _note_first_frame(path, frames)
-        if fit:
-            img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale big photos cheaply
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageFileError(
-                path, f"is {w:,} x {h:,} pixels, more than the {MAX_PIXELS:,} an image may"
-                " decode to (Pillow's decompression-bomb limit); make it smaller"
-            )  # fmt: skip
         if not fit:
             return np.array(_rgb(img), dtype=np.uint8)  # (size, size, 3), writable
-        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+        # Phone photos store rotation in EXIF. In place: no copy of a possibly huge image.
+        ImageOps.exif_transpose(img, in_place=True)
         part, box = _region(img, size)  # the centre square, before any whole-image work
+        if part is not img:
+            img.close()  # the whole decoded image is not needed past its centre square
         part = _rgb(part)
         if box is not None:
             part = part.resize((size, size), Image.BICUBIC, box, reducing_gap=3.0)
@@ -171,12 +203,19 @@ def _decode(path: str | Path, size: int, fit: bool) -> np.ndarray:
 
 def _decode_data(data: bytes, path: str | Path, size: int, fit: bool) -> np.ndarray:
     """A file's bytes -> (size, size, 3) uint8; `path` names it in the ImageFileError."""
+    with _reading(path):
+        return _pixels(path, data, size, fit)
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """Whatever PIL raises while reading the file, as an ImageFileError naming `path`."""
     try:
         with warnings.catch_warnings():
             # Pillow warns of sizes past MAX_PIXELS when it reads a header (a frame's too); a big
-            # JPEG is then decoded at a fraction of that: `_pixels` checks the size it decodes.
+            # JPEG is then decoded at a fraction of that: `_open` checks the size it decodes.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _pixels(path, data, size, fit)
+            yield
     except ImageFileError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO, not the file
@@ -208,6 +247,14 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     `read_image` makes of the same file, for callers that hold the bytes, not a path (the
     served MLflow model). ImageFileError names the image by `name`."""
     return _decode_data(bytes(data), name, size, fit=True)
+
+
+def decoded_pixels(data: bytes, size: int, name: str = "image") -> int:
+    """How many pixels `decode_image(data, size)` decodes the file to, read from its header
+    (nothing is decoded, a JPEG's reduced scale counted): what decoding it will hold, known
+    before it is paid. ImageFileError, as decode_image's, for a file it refuses unread."""
+    with _reading(name), _open(name, bytes(data), size, fit=True) as img:
+        return img.size[0] * img.size[1]
 
 
 def _fast_jpegs(files: Sequence[str], size: int) -> np.ndarray | None:

@@ -15,6 +15,16 @@ most likely first) and `probabilities`. `top` and `crops` are params (defaults 5
 predict's). An image that cannot be decoded fails the request with MLflow's
 INVALID_PARAMETER_VALUE: HTTP 400, the message ending in one line naming the image, no traceback.
 
+Memory: the scoring server runs requests in threads, and decoding is the one step whose memory
+grows with what a client sends (4 to 12 bytes a decoded pixel, up to Pillow's limit of 89.5 M
+pixels an image, whatever the file's size). A budget of decoded pixels in flight, one for the
+process (`CONVNET_SERVE_PIXELS`, default one image at that limit), bounds it: an image decodes
+once its pixels fit in what the other decodes leave, in turn; a request that waits half of
+MLflow's request timeout for it is answered 503 (TEMPORARILY_UNAVAILABLE), and an image larger
+than the whole budget 400 (images given as paths, in Python, are read outside it). A decoded
+image's memory goes back to the system once it is freed (`_large_blocks_mapped`), and the
+network runs one request's images at a time.
+
 The served model needs this project installed (`--env-manager local`): the logged model's code
 is stages/engine/pyfunc_code.py, which imports this module.
 """
@@ -23,8 +33,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import contextlib
+import ctypes
+import functools
 import io
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +51,21 @@ import pandas as pd
 import PIL
 import torch
 import torchvision
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from PIL import Image
 
-from stages.data.images import ImageFileError, decode_image, read_image
+from stages.data.images import (
+    MAX_PIXELS,
+    ImageFileError,
+    decode_image,
+    decoded_pixels,
+    read_image,
+)
 from stages.engine.model import Trained, load_trained
 
 COLUMN = "image"  # the input column
@@ -49,6 +73,8 @@ TOP, CROPS = 5, 10  # the defaults of `convnet predict --top --crops`
 # Set by `mlflow models serve` (and `mlflow models predict`) in the process that runs the model;
 # MLflow's own name for it (mlflow.environment_variables._MLFLOW_IS_IN_SERVING_ENVIRONMENT).
 SERVING = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+# Decoded pixels in flight in the process; by default one image at Pillow's limit (MAX_PIXELS).
+PIXELS = "CONVNET_SERVE_PIXELS"
 
 SIGNATURE = ModelSignature(
     # binary: the scoring server base64-decodes the column's JSON strings into bytes.
@@ -69,6 +95,74 @@ def _serving() -> bool:
     return os.environ.get(SERVING, "").lower() in ("true", "1")
 
 
+class Busy(Exception):
+    """No room in the budget of decoded pixels within the time a request may wait."""
+
+
+class PixelBudget:
+    """Decoded pixels in flight, shared by the threads that run requests. An image decodes once
+    its pixels fit in what is left, in the order the images asked (first come, first served: a
+    large image is not passed over by a stream of small ones)."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = self.free = pixels
+        self._line: collections.deque[object] = collections.deque()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, deadline: float) -> Iterator[None]:
+        """`pixels` of the budget, held while the block runs; waited for until `deadline` (a
+        time.monotonic() time), then Busy."""
+        turn = object()
+        with self._changed:
+            self._line.append(turn)
+            fits = lambda: self._line[0] is turn and self.free >= pixels  # noqa: E731
+            if not self._changed.wait_for(fits, max(0.0, deadline - time.monotonic())):
+                self._line.remove(turn)
+                self._changed.notify_all()  # the next in line may fit now
+                raise Busy
+            self._line.popleft()
+            self.free -= pixels
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
+
+
+@functools.cache
+def _budget() -> PixelBudget:
+    """The process's budget, from CONVNET_SERVE_PIXELS (read once)."""
+    text = os.environ.get(PIXELS, "").strip()
+    try:
+        pixels = int(text) if text else MAX_PIXELS
+    except ValueError:
+        pixels = 0
+    if pixels < 1:
+        raise MlflowException(f"{PIXELS} must be a positive number of pixels, got {text!r}")
+    return PixelBudget(pixels)
+
+
+# glibc's mallopt parameter (malloc.h): allocations of at least this many bytes get pages of
+# their own (mmap), handed back to the system when freed.
+M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _large_blocks_mapped() -> None:
+    """Decoded images' memory handed back to the system as soon as they are freed (once, in the
+    server). glibc serves an allocation below its mmap threshold from the calling thread's
+    arena and keeps it there once freed, and it raises that threshold (up to 32 MiB) as large
+    blocks are freed: Pillow holds an image in blocks of up to 16 MiB, so each of the server's
+    threads kept the images it had decoded (GBs, long after the requests). A fixed threshold
+    of 4 MiB maps every block of a large image on its own (and stops the raising)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; absent elsewhere
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 4 << 20)
+
+
 def _file_bytes(data: bytes) -> bytes:
     """An image file's bytes, from the file's bytes or from base64 of them on one line (the
     scoring server passes the `inputs` and `instances` formats' strings on undecoded, as
@@ -80,12 +174,25 @@ def _file_bytes(data: bytes) -> bytes:
         return data
 
 
-def _pixels(value: object, size: int, serving: bool) -> np.ndarray:
+def _decode(data: bytes, size: int, deadline: float) -> np.ndarray:
+    """decode_image(data, size), its pixels held in the process's budget while it decodes."""
+    budget = _budget()
+    pixels = decoded_pixels(data, size)  # from the header, nothing decoded yet
+    if pixels > budget.pixels:
+        raise ImageFileError(
+            "", f"decodes to {pixels:,} pixels, more than the {budget.pixels:,} this server"
+            f" decodes at once ({PIXELS}); make it smaller"
+        )  # fmt: skip
+    with budget.hold(pixels, deadline):
+        return decode_image(data, size)
+
+
+def _pixels(value: object, size: int, serving: bool, deadline: float) -> np.ndarray:
     """One input value -> (size, size, 3) uint8, read as `convnet predict` reads the file."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return decode_image(_file_bytes(bytes(value)), size)
+        return _decode(_file_bytes(bytes(value)), size, deadline)
     if isinstance(value, str) and serving:  # never a path: the client's own files are not here
-        return decode_image(_file_bytes(value.encode("ascii", "replace")), size)
+        return _decode(_file_bytes(value.encode("ascii", "replace")), size, deadline)
     if isinstance(value, (str, Path)):
         return read_image(value, size)
     kind = type(value).__name__
@@ -113,7 +220,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     trained: Trained
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        _budget()  # a bad CONVNET_SERVE_PIXELS stops the server before it listens
         self.trained = load_trained(Path(context.artifacts["checkpoint"]))
+        # One request's images through the network at a time: torch already spreads one over
+        # every core, and each holds the activations of a batch (256 images, 10 crops each).
+        self.running = threading.Lock()
 
     # pd.DataFrame: a hint MLflow infers no signature from (SIGNATURE is the signature), so the
     # scoring server still parses the JSON by it (base64 -> bytes for the binary column).
@@ -131,16 +242,31 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if crops not in (1, 10):
             raise _refuse(f"param 'crops' must be 1 or 10, got {crops}")
         trained, serving = self.trained, _serving()
+        if serving:
+            _large_blocks_mapped()
+        # Waiting for room to decode ends before MLflow's own timeout (a 504 that leaves the
+        # work running): the client hears why, in a 503.
+        patience = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get() / 2
+        deadline = time.monotonic() + patience
         arrays = []
         for i, value in enumerate(_images(model_input)):
             try:
-                arrays.append(_pixels(value, trained.stored_size, serving))
+                arrays.append(_pixels(value, trained.stored_size, serving, deadline))
             except ImageFileError as err:
                 name = err.path if isinstance(value, (str, Path)) and not serving else ""
                 raise _refuse(f"image {i}{f' ({name})' if name else ''}: {err.reason}") from None
+            except Busy:
+                budget = _budget().pixels
+                raise MlflowException(
+                    f"image {i}: the server is busy decoding other images (at most {budget:,}"
+                    f" pixels at once, {PIXELS}) and had no room for it within {patience:g} s;"
+                    " retry later",
+                    error_code=TEMPORARILY_UNAVAILABLE,
+                ) from None
         if not arrays:
             return pd.DataFrame({"classes": [], "probabilities": []})
-        probs = trained.predict(np.stack(arrays), crops)  # (N, K), as `convnet predict`
+        with self.running:
+            probs = trained.predict(np.stack(arrays), crops)  # (N, K), as `convnet predict`
         p, idx = probs.topk(min(top, len(trained.classes)), dim=1)  # (N, k) each
         names = [[trained.classes[j] for j in row] for row in idx.tolist()]
         return pd.DataFrame({"classes": names, "probabilities": p.double().tolist()})
