@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from filelock import FileLock, Timeout
 
 from stages.core.errors import PipelineError
 
@@ -289,22 +289,12 @@ class BusyError(PipelineError):
     """A folder another process is working in right now (a second training in one out/train)."""
 
 
-def _holder(folder: Path) -> str:
-    """Which process holds the flock of `folder`, from the kernel's table of locks (Linux)."""
-    st = folder.stat()
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    pids = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF
-            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{st.st_ino}"):
-                pids.append((fields[5] != device, fields[4]))  # this device's first
-    for _, pid in sorted(pids):
-        with contextlib.suppress(psutil.Error, ValueError):
-            process = psutil.Process(int(pid))
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(process.create_time()))
-            command = shlex.join(process.cmdline())
-            return f"process {pid} (`{command[:120]}`, started {started})"
+def _holder(lock: Path) -> str:
+    """The process that holds `lock`, as it wrote itself there."""
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        process = psutil.Process(int(lock.read_text()))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(process.create_time()))
+        return f"process {process.pid} (`{shlex.join(process.cmdline())[:120]}`, started {started})"
     return "another process"
 
 
@@ -313,28 +303,26 @@ def only_one(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder` (made if missing, and checked to be writable) for the block, or stop at
     once with BusyError naming the process that holds it; `what` says what runs there.
 
-    An OS lock (flock) on the folder itself: the kernel releases it when the process ends,
-    however it ends (SIGKILL, the out-of-memory killer), so a killed run never leaves a stale
-    lock, and no lock file is left in the folder either.
+    filelock's lock on `<folder>.lock` beside it, an OS lock the kernel releases when the process
+    ends however it ends (SIGKILL, the out-of-memory killer): a killed run never leaves a stale
+    lock. Its holder writes its process id in it.
     """
     folder = Path(folder)
+    lock = FileLock(folder.with_name(f"{folder.name}.lock"), timeout=0)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # unnamed on Linux: nothing to leave behind
             pass
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        lock.acquire()
+    except Timeout:  # an OSError too
+        raise BusyError(
+            f"{folder}: {what} runs in it already, in {_holder(Path(lock.lock_file))}; one at a"
+            " time: wait for it to end (or stop it), then run again"
+        ) from None
     except OSError as err:
         raise why_not_written(folder, err) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(
-                f"{folder}: {what} runs in it already, in {_holder(folder)}; one at a time:"
-                " wait for it to end (or stop it), then run again"
-            ) from None
-        except OSError as err:  # a file system without locks (some network mounts): go on
-            print(f"note: {folder} cannot be locked here ({err.strerror}); run one at a time")
+        Path(lock.lock_file).write_text(str(os.getpid()))
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
