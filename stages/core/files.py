@@ -191,26 +191,6 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (True when that cannot be told)."""
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":  # Windows: os.kill(pid, 0) would send Ctrl-C, not test the process
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only the process's existence is checked
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
-def _temporary_prefix(path: Path) -> str:
-    """The start of a temporary's name for `path`: its name, then this process's id."""
-    return f".{path.name}.{os.getpid()}."
-
-
 def _remove_stale(path: Path) -> None:
     """Remove the temporaries of `path` that killed processes left: names of the form
     `.<name>.<pid>.<random>.tmp` whose process is gone."""
@@ -221,7 +201,7 @@ def _remove_stale(path: Path) -> None:
             continue
         parts = name[len(head) : -len(".tmp")].split(".")
         # Exactly <pid>.<random>: `.x.5.123.abc.tmp` is a temporary of x.5, not of x.
-        if len(parts) != 2 or not parts[0].isdigit() or _alive(int(parts[0])):
+        if len(parts) != 2 or not parts[0].isdigit() or psutil.pid_exists(int(parts[0])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -230,12 +210,13 @@ def _remove_stale(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; rename it onto `path` only on success.
+def atomic_path(path: Path, need: int | None = None, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write (with `folder`, a fresh directory); it
+    replaces `path` as a whole only on success.
 
     Leftovers of killed writes of `path` are removed first (see the module docstring). `need`
     (bytes, when known) is checked against the free space then; a disk that fills up anyway
-    ends in DiskFullError naming `path`, with the temporary file removed.
+    ends in DiskFullError naming `path`, with the temporary removed.
     """
     path = Path(path)
     with _write_errors_are_one_line(path, need, None):
@@ -243,40 +224,30 @@ def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
         _remove_stale(path)  # before the space check: a killed run's leftover may fill it
         if need:
             check_space(path, need)
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    tmp_path = Path(tmp)
-    try:  # from the first statement on: a Ctrl-C at any point still removes the file
-        os.close(fd)
-        tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; results read like any file
-        with _write_errors_are_one_line(path, need, tmp_path):
-            yield tmp_path
-            os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path, need: int | None = None) -> Iterator[Path]:
-    """Yield a fresh temporary directory; it replaces `path` as a whole only on success.
-
-    Leftovers, `need` and a full disk as in `atomic_path`.
-    """
-    path = Path(path)
-    with _write_errors_are_one_line(path, need, None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
-        if need:
-            check_space(path, need)
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())
+        where = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": ".tmp", "dir": path.parent}
+        if folder:
+            tmp = Path(tempfile.mkdtemp(**where))
+        else:
+            fd, name = tempfile.mkstemp(**where)
+            os.close(fd)
+            tmp = Path(name)
+    try:  # from here on a Ctrl-C at any point still removes it
+        tmp.chmod((0o777 if folder else 0o666) & ~_umask())  # mkstemp's 0600: read like any file
         with _write_errors_are_one_line(path, need, tmp):
             yield tmp
-            if path.exists():
+            if folder and path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(path: Path, need: int | None = None) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_path` of a directory."""
+    return atomic_path(path, need, folder=True)
 
 
 def write_json(path: Path, data: Any) -> None:
