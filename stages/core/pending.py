@@ -1,4 +1,5 @@
-"""What a run's log writes (a record), and the file that keeps what the store did not take.
+"""What a run's log writes (a record: each kind, and how it is written to the run), and the file
+that keeps what the store did not take.
 
 What the store has not taken when a stage ends waits in out/train/mlflow-pending/<run id>.json (a
 waiting model's checkpoint copied beside it, <run id>.model.pt) until `convnet log-pending` or the
@@ -13,16 +14,24 @@ import base64
 import contextlib
 import json
 import os
+import shlex
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from mlflow.entities import Dataset
+import mlflow
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from stages.core import paths, tracking
+from stages.core import checkpoint, paths, tracking
+from stages.core.errors import PipelineError
 from stages.core.files import atomic_path, is_inner_path, is_plain_name, write_json
+
+if TYPE_CHECKING:  # the log whose run a record is written to; it imports this module
+    from stages.core.runlog import RunLog
 
 
 def _now() -> int:
@@ -46,8 +55,8 @@ def _rule(why: str, test: Callable[[Any], object]) -> AfterValidator:
     return AfterValidator(check)
 
 
-# The records: what each write holds. A stage makes them with `model_construct` (its own values);
-# a pending file's are validated. stages.core.runlog writes each kind.
+# The records: what each write holds, and how it is written to the run of a log. A stage makes
+# them with `model_construct` (its own values); a pending file's are validated.
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     what: str  # in words: "the metrics", "history.csv", "its end (FINISHED)"
@@ -61,17 +70,33 @@ class Batch(_Record):
     tags: dict[str, Any] = {}
     time: int = Field(default_factory=_now)
 
+    def write(self, log: RunLog) -> None:
+        metrics = [Metric(k, v, self.time, self.step or 0) for k, v in self.metrics.items()]
+        params = [Param(k, str(v)) for k, v in self.params.items()]
+        log.client.log_batch(log.run_id, metrics, params, [RunTag(k, str(v)) for k, v in
+                                                           self.tags.items()])  # fmt: skip
+
 
 class Input(_Record):  # a dataset input (`mlflow.data.from_numpy(...).to_dict()`)
     kind: Literal["input"] = "input"
     dataset: Annotated[dict[str, Any], _rule("its dataset is no MLflow dataset", _dataset)]
     context: str  # training, validation
 
+    def write(self, log: RunLog) -> None:
+        tag = InputTag(MLFLOW_DATASET_CONTEXT, self.context)
+        log.client.log_inputs(log.run_id, [DatasetInput(Dataset(**self.dataset), [tag])])
+
 
 class File(_Record):  # a file at `path` (relative, plain names) in the artifacts, in base64
     kind: Literal["file"] = "file"
     path: Annotated[str, _rule("its path {} leads out of the run's artifacts", is_inner_path)]
     content: Annotated[str, _rule("its content is not base64", lambda c: decode(c) is not None)]
+
+    def write(self, log: RunLog) -> None:
+        folder, _, name = self.path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(decode(self.content))
+            log.client.log_artifact(log.run_id, str(Path(tmp) / name), folder or None)
 
 
 class Model(_Record):  # a checkpoint as the run's MLflow model `<dataset>-<model>`
@@ -83,11 +108,37 @@ class Model(_Record):  # a checkpoint as the run's MLflow model `<dataset>-<mode
     model: str
     registered: bool  # as convnet-<dataset>-<model>
 
+    def write(self, log: RunLog) -> None:
+        """Log the model `log.package` describes; one line says how to serve it."""
+        file = log.file.parent / self.file  # absolute, or the copy beside the pending file
+        if (state := checkpoint.load(file))["mlflow_run_id"] != log.run_id:
+            raise PipelineError(f"{file} now holds run {state['mlflow_run_id']}")
+        # A model goes to the active experiment and tracking URI, which are global in MLflow.
+        mlflow.set_tracking_uri(log.uri)
+        mlflow.set_experiment(experiment_id=log.client.get_run(log.run_id).info.experiment_id)
+        name, content = f"{self.dataset}-{self.model}", log.package(file, state)
+        content["metadata"] |= {"dataset": self.dataset, "model": self.model}
+        entry = f"convnet-{name}" if self.registered else None  # in the model registry
+        info = mlflow.models.Model.log(  # pyfunc.log_model would log to the active run only
+            artifact_path=None, name=name, run_id=log.run_id, registered_model_name=entry,
+            **content,
+        )  # fmt: skip
+        version = info.registered_model_version
+        uri = f"models:/{entry}/{version}" if entry and version else info.model_uri
+        # MLflow's own default store is ./mlflow.db: from the repository root the URI is enough.
+        here = log.uri == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        store = "" if here else f"MLFLOW_TRACKING_URI={shlex.quote(log.uri)} "
+        print(f"MLflow: model {name} logged as {uri}; serve it with `{store}mlflow models serve"
+              f" -m {uri} --env-manager local`", flush=True)  # fmt: skip
+
 
 class End(_Record):
     kind: Literal["end"] = "end"
     status: Literal["FINISHED", "FAILED", "KILLED"]
     time: int = Field(default_factory=_now)
+
+    def write(self, log: RunLog) -> None:
+        log.client.set_terminated(log.run_id, self.status, end_time=self.time)
 
 
 Record = Annotated[Batch | Input | File | Model | End, Field(discriminator="kind")]

@@ -2,11 +2,11 @@
 
 `run_log` opens the run at once: a store that does not answer stops the stage there, with one
 line. Every later write (params, metrics, dataset inputs, files, the model, the run's end) is a
-record (stages.core.pending) queued for a background thread that writes them in order, retrying
-while the store fails (a sqlite lock, a server restarting): the stage never waits for the store.
-At the end the log waits for its queue; what the store has not taken after WAIT_SECONDS without
-progress waits in a pending file, and the last line says what the run lacks. (MLflow's own
-asynchronous logging drops a batch the store fails on, and carries no files, models or run end.)
+record (stages.core.pending) that a background thread writes in order, retrying while the store
+fails (a sqlite lock, a server restarting): the stage never waits for the store. What the store
+has not taken WAIT_SECONDS after it last took something, once the stage ends, waits in a pending
+file, and the last line says what the run lacks. (MLflow's own asynchronous logging drops a
+batch the store fails on, and carries no files, models or run end.)
 
 A training and lr-find end their own runs FINISHED, or FAILED on any error, Ctrl-C or SIGTERM
 (queued like any write; a second Ctrl-C stops waiting for the store); evaluate and report add to
@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import shlex
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -30,11 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking.context import registry as context_registry
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from stages.core import checkpoint, pending, tracking
+from stages.core import pending, tracking
 from stages.core.errors import Interrupted, PipelineError, held
 from stages.core.files import atomic_path, only_one
 from stages.core.pending import Batch, End, File, Input, Model, Record, describe, shown
@@ -129,51 +125,6 @@ class RunLog:
             self._queue.append(record)
             self._cond.notify_all()
 
-    # The thread.
-
-    def _send(self, r: Record) -> None:
-        """Write one record to the run."""
-        client, run = self.client, self.run_id
-        if isinstance(r, Batch):
-            metrics = [Metric(k, v, r.time, r.step or 0) for k, v in r.metrics.items()]
-            tags = [RunTag(k, str(v)) for k, v in r.tags.items()]
-            client.log_batch(run, metrics, [Param(k, str(v)) for k, v in r.params.items()], tags)
-        elif isinstance(r, Input):
-            tag = InputTag(MLFLOW_DATASET_CONTEXT, r.context)
-            client.log_inputs(run, [DatasetInput(Dataset(**r.dataset), [tag])])
-        elif isinstance(r, File):
-            folder, _, name = r.path.rpartition("/")
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / name).write_bytes(pending.decode(r.content))
-                client.log_artifact(run, str(Path(tmp) / name), folder or None)
-        elif isinstance(r, Model):
-            self._send_model(r)
-        else:
-            client.set_terminated(run, r.status, end_time=r.time)
-
-    def _send_model(self, r: Model) -> None:
-        """Log the model `package` describes; one line says how to serve it."""
-        file = self.file.parent / r.file  # absolute, or the copy beside the pending file
-        if (state := checkpoint.load(file))["mlflow_run_id"] != self.run_id:
-            raise PipelineError(f"{file} now holds run {state['mlflow_run_id']}")
-        # A model goes to the active experiment and tracking URI, which are global in MLflow.
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
-        name, content = f"{r.dataset}-{r.model}", self.package(file, state)
-        content["metadata"] |= {"dataset": r.dataset, "model": r.model}
-        entry = f"convnet-{name}" if r.registered else None  # in the model registry
-        info = mlflow.models.Model.log(  # pyfunc.log_model would log to the active run only
-            artifact_path=None, name=name, run_id=self.run_id, registered_model_name=entry,
-            **content,
-        )  # fmt: skip
-        version = info.registered_model_version
-        uri = f"models:/{entry}/{version}" if entry and version else info.model_uri
-        # MLflow's own default store is ./mlflow.db: from the repository root the URI is enough.
-        here = self.uri == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-        store = "" if here else f"MLFLOW_TRACKING_URI={shlex.quote(self.uri)} "
-        _say(f"model {name} logged as {uri}; serve it with `{store}mlflow models serve -m {uri}"
-             " --env-manager local`")  # fmt: skip
-
     def _write(self) -> None:
         """Write the records in order; after a failure wait (1 s, doubling up to 10 s) and try
         the same record again."""
@@ -186,7 +137,7 @@ class RunLog:
                     return
                 record, self._exporting = self._queue[0], isinstance(self._queue[0], Model)
             try:
-                self._send(record)
+                record.write(self)
                 error = None
             except Exception as err:  # noqa: BLE001 - the store's failure, whatever it is
                 error = err
@@ -210,8 +161,6 @@ class RunLog:
                 self._queue.popleft()
                 self._progress, delay = time.monotonic(), 1.0
                 self._cond.notify_all()
-
-    # The end.
 
     def close(self) -> list[Record]:
         """Wait until every record is written or the store has taken none for WAIT_SECONDS (a
