@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -274,12 +275,14 @@ def only_one(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder` (made if missing, and checked to be writable) for the block, or stop at
     once with BusyError naming the process that holds it; `what` says what runs there.
 
-    filelock's lock on `<folder>.lock` beside it, an OS lock the kernel releases when the process
-    ends however it ends (SIGKILL, the out-of-memory killer): a killed run never leaves a stale
-    lock. Its holder writes its process id in it.
+    filelock's lock, an OS lock the kernel releases when the process ends however it ends
+    (SIGKILL, the out-of-memory killer): a killed run never leaves a stale lock. Its file, where
+    the holder writes its process id, is in the system's temporary folder, named after the
+    folder's path: nothing is left among the results.
     """
     folder = Path(folder)
-    lock = FileLock(folder.with_name(f"{folder.name}.lock"), timeout=0)
+    key = hashlib.sha256(f"{os.getuid()} {folder.resolve()}".encode()).hexdigest()[:20]
+    lock = FileLock(Path(tempfile.gettempdir()) / f"convnet-{key}.lock", timeout=0)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # unnamed on Linux: nothing to leave behind
