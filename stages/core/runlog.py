@@ -54,9 +54,10 @@ def _refused(err: Exception) -> bool:
 
 
 class RunLog:
-    """The writes to MLflow run `run_id` of store `uri`, in order, by a background thread. With
-    a `package` (a training, or log-pending), what the run left pending earlier goes first;
-    without one, that file is left as it is and what this log leaves goes after it."""
+    """The writes to MLflow run `run_id` of store `uri` (each method returns at once), made in
+    order by a background thread. With a `package` (a training, or log-pending), what the run
+    left pending earlier goes first; without one, that file is left as it is and what this log
+    leaves goes after it."""
 
     def __init__(self, uri: str, run_id: str, package: Package | None) -> None:
         self.uri, self.run_id, self.package = uri, run_id, package
@@ -71,8 +72,6 @@ class RunLog:
         self._progress = time.monotonic()  # when a write last succeeded or the queue filled
         self.left: list[Record] = []  # what close() saved as pending
         threading.Thread(target=self._write, name=f"{tracking.THREADS}writer", daemon=True).start()
-
-    # The writes a stage makes; each returns at once.
 
     def batch(
         self, what: str, step: int | None = None, metrics: dict[str, float] | None = None,
@@ -257,9 +256,9 @@ def run_log(
     """The log of the run a stage writes to, opened now: run `run_id` reopened (RUNNING again)
     when the store holds it, else a new run named `run_name` with `tags`. With `attach`
     (evaluate, report), run `run_id` is written to as it is, never reopened or ended. With a
-    `package` (a training), what earlier runs left pending is logged first. `open_run` (a file
-    in the out/train a training holds) names the run while it is open: a run it names at the
-    next start was killed outright, and is ended KILLED if it is still RUNNING."""
+    `package` (a training), what earlier runs left pending is logged first. `open_run` (in the
+    out/train a training holds) names the run while it is open: a run it names at the next
+    start was killed outright, and is ended KILLED if it is still RUNNING."""
     experiment_id, uri = tracking.setup(), tracking.tracking_uri()
     if package is not None and any(pending.folder().glob("*.json")):
         try:
@@ -285,9 +284,9 @@ def run_log(
                     tags = context_registry.resolve_tags(tags or {})
                     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
                     run_id = run.info.run_id
-            if open_run is not None:
-                open_run.write_text(run_id)
             log = RunLog(uri, run_id, package)
+            if open_run is not None:  # a failure to write it ends the run FAILED
+                open_run.write_text(run_id)
         yield log
     except BaseException:
         if log is not None:
