@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -29,9 +29,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from stages.core import checkpoint, paths, tracking
 from stages.core.errors import PipelineError
 from stages.core.files import atomic_path, is_inner_path, is_plain_name, write_json
-
-if TYPE_CHECKING:  # the log whose run a record is written to; it imports this module
-    from stages.core.runlog import RunLog
 
 
 def _now() -> int:
@@ -55,8 +52,9 @@ def _rule(why: str, test: Callable[[Any], object]) -> AfterValidator:
     return AfterValidator(check)
 
 
-# The records: what each write holds, and how it is written to the run of a log. A stage makes
-# them with `model_construct` (its own values); a pending file's are validated.
+# The records: what each write holds, and how it is written to the run of `log` (a
+# stages.core.runlog.RunLog). A stage makes them with `model_construct` (its own values); a
+# pending file's are validated.
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     what: str  # in words: "the metrics", "history.csv", "its end (FINISHED)"
@@ -70,7 +68,7 @@ class Batch(_Record):
     tags: dict[str, Any] = {}
     time: int = Field(default_factory=_now)
 
-    def write(self, log: RunLog) -> None:
+    def write(self, log: Any) -> None:
         metrics = [Metric(k, v, self.time, self.step or 0) for k, v in self.metrics.items()]
         params = [Param(k, str(v)) for k, v in self.params.items()]
         log.client.log_batch(log.run_id, metrics, params, [RunTag(k, str(v)) for k, v in
@@ -82,7 +80,7 @@ class Input(_Record):  # a dataset input (`mlflow.data.from_numpy(...).to_dict()
     dataset: Annotated[dict[str, Any], _rule("its dataset is no MLflow dataset", _dataset)]
     context: str  # training, validation
 
-    def write(self, log: RunLog) -> None:
+    def write(self, log: Any) -> None:
         tag = InputTag(MLFLOW_DATASET_CONTEXT, self.context)
         log.client.log_inputs(log.run_id, [DatasetInput(Dataset(**self.dataset), [tag])])
 
@@ -92,7 +90,7 @@ class File(_Record):  # a file at `path` (relative, plain names) in the artifact
     path: Annotated[str, _rule("its path {} leads out of the run's artifacts", is_inner_path)]
     content: Annotated[str, _rule("its content is not base64", lambda c: decode(c) is not None)]
 
-    def write(self, log: RunLog) -> None:
+    def write(self, log: Any) -> None:
         folder, _, name = self.path.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / name).write_bytes(decode(self.content))
@@ -108,7 +106,7 @@ class Model(_Record):  # a checkpoint as the run's MLflow model `<dataset>-<mode
     model: str
     registered: bool  # as convnet-<dataset>-<model>
 
-    def write(self, log: RunLog) -> None:
+    def write(self, log: Any) -> None:
         """Log the model `log.package` describes; one line says how to serve it."""
         file = log.file.parent / self.file  # absolute, or the copy beside the pending file
         if (state := checkpoint.load(file))["mlflow_run_id"] != log.run_id:
@@ -137,7 +135,7 @@ class End(_Record):
     status: Literal["FINISHED", "FAILED", "KILLED"]
     time: int = Field(default_factory=_now)
 
-    def write(self, log: RunLog) -> None:
+    def write(self, log: Any) -> None:
         log.client.set_terminated(log.run_id, self.status, end_time=self.time)
 
 
