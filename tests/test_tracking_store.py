@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from helpers.fabricate import SLOW_EPOCH, setup
-from helpers.processes import env, free_port
+from helpers.processes import env, free_port, with_store
 
 from stages.core.tracking import PROBE_SECONDS
 
@@ -405,3 +405,25 @@ def test_a_run_killed_in_its_first_epoch_is_ended_killed_by_the_next_training(tm
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert sorted(statuses.values()) == ["FINISHED", "KILLED"]
     assert not open_run.exists()
+
+
+def test_a_slow_first_connection_to_a_sqlite_store_is_not_taken_for_a_lock(tmp_path, monkeypatch):
+    """MLflow's first connection to a store (its imports and schema check) takes seconds on a
+    busy machine: made slower than the store check's limit here, it is waited for, since no
+    process holds the store locked."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from stages.core import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
+    monkeypatch.setattr(tracking, "PROBE_SECONDS", 1)
+    start = SqlAlchemyStore.__init__
+
+    def slow_start(self, *args, **kwargs) -> None:  # the real one, after a busy machine's wait
+        time.sleep(3)
+        start(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "__init__", slow_start)
+    experiment = tracking.setup()
+    assert mlflow.get_experiment(experiment).name == "convnet-pipeline"
