@@ -126,6 +126,7 @@ def _mlflow_run(
     return run_log(
         serving.package, run_id, run_name=tracking.run_name(params.dataset, params.model),
         tags=tracking.run_tags(params.dataset, params.model, source="stages/train.py"),
+        open_run=paths.OPEN_RUN,
     )  # fmt: skip
 
 

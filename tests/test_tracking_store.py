@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from helpers.fabricate import SLOW_EPOCH, setup
-from helpers.processes import env, free_port
+from helpers.processes import env, free_port, with_store
 
 from stages.core.tracking import PROBE_SECONDS
 
@@ -350,3 +350,80 @@ def test_a_store_left_mid_write_by_a_killed_process_is_rolled_back_and_used(tmp_
     assert tracking.setup() == first
     tables = {name for (name,) in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert "half" not in tables and "experiments" in tables
+
+
+@pytest.mark.slow
+def test_training_on_a_machine_whose_cores_are_all_busy_finishes(tmp_path, spawn):
+    """Other processes keep every core busy, so MLflow's first connection (imports, the store's
+    schema check) is slow: the store check looks for a lock, which nobody holds, instead of
+    timing that connection, and the training finishes with its run complete."""
+    root = tmp_path / "busy"
+    setup(root)
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(2 * len(os.sched_getaffinity(0)))
+    ]
+    try:
+        train = spawn(root, env(root), "train")
+        assert train.finish(timeout=900) == 0, train.output
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert_complete(root, f"sqlite:///{root}/mlflow.db", 2)
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_first_epoch_is_ended_killed_by_the_next_training(tmp_path, spawn):
+    """SIGKILL runs no cleanup, so the run stays RUNNING; the next training in the same
+    out/train ends it KILLED, and trains its own run to the end."""
+    from stages.core import paths
+
+    root = tmp_path / "killed"
+    setup(root, n_train=4 * SLOW_EPOCH)
+    open_run = root / paths.OPEN_RUN
+    train = spawn(root, env(root), "train")
+    deadline = time.monotonic() + 300
+    while not open_run.exists():  # the run exists in the store
+        assert train.proc.poll() is None and time.monotonic() < deadline, train.output
+        time.sleep(0.05)
+    killed = open_run.read_text()
+    train.proc.kill()
+    train.proc.wait()
+    assert not (root / paths.LAST).exists()  # in its first epoch: nothing to resume from
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(killed).info.status == "RUNNING"
+
+    again = spawn(root, env(root), "train")
+    assert again.finish() == 0, again.output
+    assert f"MLflow: run {killed}, left RUNNING by a training killed outright: KILLED" in (
+        again.lines
+    )
+    assert client.get_run(killed).info.status == "KILLED"
+    experiment = client.get_experiment_by_name("convnet-pipeline").experiment_id
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+    assert sorted(statuses.values()) == ["FINISHED", "KILLED"]
+    assert not open_run.exists()
+
+
+def test_a_slow_first_connection_to_a_sqlite_store_is_not_taken_for_a_lock(tmp_path, monkeypatch):
+    """MLflow's first connection to a store (its imports and schema check) takes seconds on a
+    busy machine: made slower than the store check's limit here, it is waited for, since no
+    process holds the store locked."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from stages.core import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{with_store(tmp_path)}")
+    monkeypatch.setattr(tracking, "PROBE_SECONDS", 1)
+    start = SqlAlchemyStore.__init__
+
+    def slow_start(self, *args, **kwargs) -> None:  # the real one, after a busy machine's wait
+        time.sleep(3)
+        start(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "__init__", slow_start)
+    experiment = tracking.setup()
+    assert mlflow.get_experiment(experiment).name == "convnet-pipeline"

@@ -7,7 +7,6 @@ What the files hold is defined here once:
   model.pt            `Inference`: exactly INFERENCE_KEYS, what running the model needs
   last.pt, best.pt    INFERENCE_KEYS + RESUME_KEYS (stages.engine.state.RunState.state_dict()),
                       so a run resumes from them and predict/evaluate can use them as they are
-The copy of model.pt that report logs to the MLflow run is `inference_only(state)`.
 """
 
 from __future__ import annotations
@@ -65,11 +64,6 @@ RESUME_KEYS: tuple[str, ...] = (
     "raw_model", "optimizer", "schedule", "scaler", "ema", "rng", "history", "best",
     "since_best", "mlflow_run_id", "world", "complete",
 )  # fmt: skip
-
-
-def inference_only(state: dict[str, Any]) -> dict[str, Any]:
-    """The INFERENCE_KEYS of a checkpoint (model.pt's content), without the resume state."""
-    return {key: state[key] for key in INFERENCE_KEYS}
 
 
 def save(path: Path, state: dict[str, Any]) -> None:

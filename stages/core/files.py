@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import hashlib
 import json
 import os
 import resource
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from filelock import FileLock, Timeout
 
 from stages.core.errors import PipelineError
 
@@ -191,26 +192,6 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (True when that cannot be told)."""
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":  # Windows: os.kill(pid, 0) would send Ctrl-C, not test the process
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only the process's existence is checked
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
-def _temporary_prefix(path: Path) -> str:
-    """The start of a temporary's name for `path`: its name, then this process's id."""
-    return f".{path.name}.{os.getpid()}."
-
-
 def _remove_stale(path: Path) -> None:
     """Remove the temporaries of `path` that killed processes left: names of the form
     `.<name>.<pid>.<random>.tmp` whose process is gone."""
@@ -221,7 +202,7 @@ def _remove_stale(path: Path) -> None:
             continue
         parts = name[len(head) : -len(".tmp")].split(".")
         # Exactly <pid>.<random>: `.x.5.123.abc.tmp` is a temporary of x.5, not of x.
-        if len(parts) != 2 or not parts[0].isdigit() or _alive(int(parts[0])):
+        if len(parts) != 2 or not parts[0].isdigit() or psutil.pid_exists(int(parts[0])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -230,12 +211,13 @@ def _remove_stale(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; rename it onto `path` only on success.
+def atomic_path(path: Path, need: int | None = None, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write (with `folder`, a fresh directory); it
+    replaces `path` as a whole only on success.
 
     Leftovers of killed writes of `path` are removed first (see the module docstring). `need`
     (bytes, when known) is checked against the free space then; a disk that fills up anyway
-    ends in DiskFullError naming `path`, with the temporary file removed.
+    ends in DiskFullError naming `path`, with the temporary removed.
     """
     path = Path(path)
     with _write_errors_are_one_line(path, need, None):
@@ -243,40 +225,30 @@ def atomic_path(path: Path, need: int | None = None) -> Iterator[Path]:
         _remove_stale(path)  # before the space check: a killed run's leftover may fill it
         if need:
             check_space(path, need)
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    tmp_path = Path(tmp)
-    try:  # from the first statement on: a Ctrl-C at any point still removes the file
-        os.close(fd)
-        tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; results read like any file
-        with _write_errors_are_one_line(path, need, tmp_path):
-            yield tmp_path
-            os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path, need: int | None = None) -> Iterator[Path]:
-    """Yield a fresh temporary directory; it replaces `path` as a whole only on success.
-
-    Leftovers, `need` and a full disk as in `atomic_path`.
-    """
-    path = Path(path)
-    with _write_errors_are_one_line(path, need, None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
-        if need:
-            check_space(path, need)
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())
+        where = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": ".tmp", "dir": path.parent}
+        if folder:
+            tmp = Path(tempfile.mkdtemp(**where))
+        else:
+            fd, name = tempfile.mkstemp(**where)
+            os.close(fd)
+            tmp = Path(name)
+    try:  # from here on a Ctrl-C at any point still removes it
+        tmp.chmod((0o777 if folder else 0o666) & ~_umask())  # mkstemp's 0600: read like any file
         with _write_errors_are_one_line(path, need, tmp):
             yield tmp
-            if path.exists():
+            if folder and path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(path: Path, need: int | None = None) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_path` of a directory."""
+    return atomic_path(path, need, folder=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -289,22 +261,12 @@ class BusyError(PipelineError):
     """A folder another process is working in right now (a second training in one out/train)."""
 
 
-def _holder(folder: Path) -> str:
-    """Which process holds the flock of `folder`, from the kernel's table of locks (Linux)."""
-    st = folder.stat()
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    pids = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF
-            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{st.st_ino}"):
-                pids.append((fields[5] != device, fields[4]))  # this device's first
-    for _, pid in sorted(pids):
-        with contextlib.suppress(psutil.Error, ValueError):
-            process = psutil.Process(int(pid))
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(process.create_time()))
-            command = shlex.join(process.cmdline())
-            return f"process {pid} (`{command[:120]}`, started {started})"
+def _holder(lock: Path) -> str:
+    """The process that holds `lock`, as it wrote itself there."""
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        process = psutil.Process(int(lock.read_text()))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(process.create_time()))
+        return f"process {process.pid} (`{shlex.join(process.cmdline())[:120]}`, started {started})"
     return "another process"
 
 
@@ -313,28 +275,28 @@ def only_one(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder` (made if missing, and checked to be writable) for the block, or stop at
     once with BusyError naming the process that holds it; `what` says what runs there.
 
-    An OS lock (flock) on the folder itself: the kernel releases it when the process ends,
-    however it ends (SIGKILL, the out-of-memory killer), so a killed run never leaves a stale
-    lock, and no lock file is left in the folder either.
+    filelock's lock, an OS lock the kernel releases when the process ends however it ends
+    (SIGKILL, the out-of-memory killer): a killed run never leaves a stale lock. Its file, where
+    the holder writes its process id, is in the system's temporary folder, named after the
+    folder's path: nothing is left among the results.
     """
     folder = Path(folder)
+    key = hashlib.sha256(f"{os.getuid()} {folder.resolve()}".encode()).hexdigest()[:20]
+    lock = FileLock(Path(tempfile.gettempdir()) / f"convnet-{key}.lock", timeout=0)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # unnamed on Linux: nothing to leave behind
             pass
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        lock.acquire()
+    except Timeout:  # an OSError too
+        raise BusyError(
+            f"{folder}: {what} runs in it already, in {_holder(Path(lock.lock_file))}; one at a"
+            " time: wait for it to end (or stop it), then run again"
+        ) from None
     except OSError as err:
         raise why_not_written(folder, err) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(
-                f"{folder}: {what} runs in it already, in {_holder(folder)}; one at a time:"
-                " wait for it to end (or stop it), then run again"
-            ) from None
-        except OSError as err:  # a file system without locks (some network mounts): go on
-            print(f"note: {folder} cannot be locked here ({err.strerror}); run one at a time")
+        Path(lock.lock_file).write_text(str(os.getpid()))
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()

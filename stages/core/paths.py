@@ -25,3 +25,6 @@ BEST = TRAIN / "best.pt"  # the epoch with the best validation top-1
 # What a training could not write to its MLflow run (the store failing): one JSON per run,
 # written there by `convnet log-pending` or the next training.
 MLFLOW_PENDING = TRAIN / "mlflow-pending"
+# While a training runs: its MLflow run's id. Left by a training killed outright, it names the run
+# that the next training in this out/train ends KILLED.
+OPEN_RUN = TRAIN / "mlflow-run-open"

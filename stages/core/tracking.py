@@ -6,16 +6,19 @@ deleted afterwards, so every run lands in one place. Outside DVC the current dir
 root. MLFLOW_TRACKING_URI, when set, wins; a server keeps the artifacts itself.
 
 Every stage checks at its start that the store answers (`setup`), and stops with one line if it
-does not; then it writes through `stages.core.runlog.run_log`, which never lets the store stop it.
+does not: a sqlite store another process holds locked, a server that is down or hangs. Only what
+can be seen is called a lock; MLflow's own first connection (imports, migrations: a minute on a
+busy machine) is never timed. Then the stage writes through `stages.core.runlog.run_log`, which
+never lets the store stop it.
 Only MLflow's public API is used: its own tables are never written to directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import sqlite3
 import subprocess
 import threading
 import urllib.parse
@@ -25,6 +28,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import torch
+from filelock import FileLock
 
 from stages.core.errors import PipelineError
 from stages.core.files import write_trouble
@@ -49,8 +53,8 @@ QUICK_HTTP = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
 }
-# How long an existing store may take to answer `setup`'s first question: MLflow itself waits
-# 20 s per statement on a locked sqlite file, and a server that hangs may never answer.
+# How long a server may take to answer `setup`'s first question (one that hangs may never
+# answer), and how long a sqlite store may stay locked by another process's write.
 PROBE_SECONDS = 10
 THREADS = "mlflow-"  # the names of this project's threads that talk to the store begin so
 # MLflow's and urllib3's own messages about the failures of those threads (a traceback per
@@ -98,8 +102,6 @@ def _fix(uri: str, reason: str) -> str:
         return f"check it, {elsewhere}"
     if "locked" in said:
         return f"wait for (or stop) the process that holds it, {elsewhere}"
-    if "no answer" in said:
-        return f"another process may hold it locked: wait for (or stop) it, {elsewhere}"
     if "not a database" in said or "malformed" in said:
         return (
             "the file is damaged: move it aside (a new, empty store is made; the runs stay in"
@@ -131,13 +133,22 @@ def answering(uri: str | None = None) -> Iterator[None]:
 
 
 def _probe(uri: str) -> None:
-    """Ask the store for one experiment, waiting at most PROBE_SECONDS for the answer (in a
-    thread left behind if it hangs: it ends with the process)."""
+    """A sqlite store: take its write lock for an instant (sqlite waits up to PROBE_SECONDS for
+    another process's write to end; a hot journal a killed writer left is rolled back). Else ask
+    the server for one experiment, waiting at most PROBE_SECONDS for the answer (in a thread left
+    behind if it hangs: it ends with the process); its client is made first, untimed."""
+    if uri.startswith("sqlite:///"):
+        db = sqlite3.connect(uri.removeprefix("sqlite:///"), PROBE_SECONDS, isolation_level=None)
+        with contextlib.closing(db):
+            db.execute("BEGIN IMMEDIATE")  # "database is locked" while another process holds it
+            db.execute("ROLLBACK")
+        return
     answer: list[Exception | None] = []
+    client = mlflow.MlflowClient(uri)
 
     def ask() -> None:
         try:
-            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - raised in the stage's thread below
             answer.append(err)
         else:
@@ -153,16 +164,6 @@ def _probe(uri: str) -> None:
         raise answer[0]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def setup() -> str:
     """Point MLflow at the store and return the experiment id, creating both if needed; a store
     that does not answer is a TrackingError within seconds.
@@ -174,7 +175,7 @@ def setup() -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with answering(uri), _file_lock(root() / ".mlflow.lock"):
+    with answering(uri), FileLock(root() / ".mlflow.lock"):
         # A new sqlite store is made below, which runs its migrations: seconds under load.
         if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
             _probe(uri)
