@@ -380,7 +380,7 @@ def test_a_run_killed_in_its_first_epoch_is_ended_killed_by_the_next_training(tm
     from stages.core import paths
 
     root = tmp_path / "killed"
-    setup(root, n_train=4 * SLOW_EPOCH)
+    setup(root, n_train=2 * SLOW_EPOCH)  # an epoch outlasts the 50 ms this test takes to react
     open_run = root / paths.OPEN_RUN
     train = spawn(root, env(root), "train")
     deadline = time.monotonic() + 300
