@@ -227,8 +227,9 @@ def load(
         data = _apply(data, parsed)
     try:
         return validate(data, check)
-    except ParamsError as err:
-        raise ParamsError(f"{path}: {err}") from None
+    except ParamsError as err:  # named where the value came from: -S or the file
+        given = any(str(err).startswith(f"{key}:") for key, _ in parsed)
+        raise ParamsError(f"-S {err}" if given else f"{path}: {err}") from None
 
 
 def validate(data: dict[str, Any], check: Check | None = None) -> Params:
