@@ -260,7 +260,7 @@ CUDA = "a CUDA GPU is visible: train.device=cuda trains" if torch.cuda.is_availa
 
 CASES = [
     # params.yaml and -S overrides: exit 2, before any work
-    Case("unknown-key", ["train", "-S", "train.lrr=0.1"], "train.lrr: unknown key", 2),
+    Case("unknown-key", ["train", "-S", "train.lrr=0.1"], "error: -S train.lrr: unknown key", 2),
     Case(
         "net-not-a-key",
         ["train", "-S", "model=mlp", "-S", "net.width=3"],
