@@ -201,15 +201,18 @@ def setup() -> str:
         return experiment.experiment_id
 
 
-def git_commit() -> str:
-    """The commit the code came from ("" outside git)."""
+def git(*args: str) -> str:
+    """What `git ARGS` prints ("" outside git, without git, or when it fails)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip()
+
+
+def git_commit() -> str:
+    """The commit the code came from ("" outside git)."""
+    return git("rev-parse", "HEAD")
 
 
 def run_name(dataset: str, model: str) -> str:

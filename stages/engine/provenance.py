@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
@@ -36,16 +35,8 @@ def code() -> dict[str, object]:
     """The commit (DVC's baseline when the workspace is no git checkout) and whether the code
     differed from it."""
     commit = tracking.git_commit() or os.environ.get("DVC_EXP_BASELINE_REV", "")
-    try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", *CODE],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        status = ""  # no git: nothing to compare with
-    return {"commit": commit, "code_changed": bool(status.strip())}
+    changed = tracking.git("status", "--porcelain", "--", *CODE)  # "" without git
+    return {"commit": commit, "code_changed": bool(changed)}
 
 
 def machine(device: torch.device) -> dict[str, object]:
