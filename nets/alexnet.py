@@ -12,8 +12,8 @@ from collections import OrderedDict
 from pydantic import PositiveInt
 from torch import nn
 
-from nets import register
 from nets.common import Activation, Dropout, Init, apply_init, make_act
+from nets.registry import register
 
 # The conv layers as data: (out channels, kernel, LRN?, max-pool?); kernel None = set by
 # `small_filters`.

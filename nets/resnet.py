@@ -14,8 +14,8 @@ from pydantic import PositiveInt
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from nets import register
 from nets.common import Dropout, init_weights
+from nets.registry import register
 
 
 def _resnet(

@@ -13,8 +13,8 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from nets import register
 from nets.common import Dropout, Init, apply_init
+from nets.registry import register
 
 # Conv widths, "M" = 2x2 max-pool. Another depth is one more line here plus a builder below.
 CFGS: dict[str, tuple[int | str, ...]] = {
