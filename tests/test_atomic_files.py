@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from stages.core import errors
 from stages.core.files import atomic_dir, atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +80,21 @@ def test_temporaries_of_live_writers_and_of_other_results_are_kept(tmp_path):
     with atomic_dir(out / "processed"):
         pass
     assert not kept[0].exists() and all(path.exists() for path in kept[1:])
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_ctrl_c_as_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, kind):
+    """A Ctrl-C that lands once the temporary exists but before the write knows its name (the
+    signal handler runs between any two Python instructions) still removes it."""
+    make = tempfile.mkstemp if kind == "file" else tempfile.mkdtemp
+
+    def then_ctrl_c(**where):
+        made = make(**where)
+        errors.on_signal(signal.SIGINT, None)  # what the CLI's handler does as the signal lands
+        return made
+
+    monkeypatch.setattr(tempfile, make.__name__, then_ctrl_c)
+    write = atomic_path if kind == "file" else atomic_dir
+    with pytest.raises(errors.Interrupted), write(tmp_path / "history.csv"):
+        pytest.fail("the write went on after Ctrl-C")
+    assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from stages.core.errors import PipelineError
+from stages.core.errors import PipelineError, held
 
 
 class NotWrittenError(PipelineError):
@@ -219,20 +219,18 @@ def atomic_path(path: Path, need: int | None = None, folder: bool = False) -> It
     (bytes, when known) is checked against the free space then; a disk that fills up anyway
     ends in DiskFullError naming `path`, with the temporary removed.
     """
-    path = Path(path)
-    with _write_errors_are_one_line(path, need, None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)  # before the space check: a killed run's leftover may fill it
-        if need:
-            check_space(path, need)
-        where = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": ".tmp", "dir": path.parent}
-        if folder:
-            tmp = Path(tempfile.mkdtemp(**where))
-        else:
-            fd, name = tempfile.mkstemp(**where)
-            os.close(fd)
-            tmp = Path(name)
-    try:  # from here on a Ctrl-C at any point still removes it
+    path, tmp = Path(path), None
+    try:  # a Ctrl-C at any point removes the temporary
+        with _write_errors_are_one_line(path, need, None):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(path)  # before the space check: a killed run's leftover may fill it
+            if need:
+                check_space(path, need)
+            where = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": ".tmp", "dir": path.parent}
+            with held():  # the temporary exists only once `tmp` names it
+                tmp = Path(
+                    tempfile.mkdtemp(**where) if folder else _closed(*tempfile.mkstemp(**where))
+                )
         tmp.chmod((0o777 if folder else 0o666) & ~_umask())  # mkstemp's 0600: read like any file
         with _write_errors_are_one_line(path, need, tmp):
             yield tmp
@@ -240,10 +238,15 @@ def atomic_path(path: Path, need: int | None = None, folder: bool = False) -> It
                 shutil.rmtree(path)
             os.replace(tmp, path)
     finally:
-        if folder:
+        if tmp is not None and folder:
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        elif tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _closed(fd: int, name: str) -> str:
+    os.close(fd)
+    return name
 
 
 def atomic_dir(path: Path, need: int | None = None) -> contextlib.AbstractContextManager[Path]:
