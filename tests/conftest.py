@@ -4,8 +4,24 @@ import os
 
 import mlflow
 import pytest
+import torch
 from helpers import processes
 from helpers.processes import clone
+
+# pytest-xdist runs one worker per core (pyproject.toml): each worker, and every process its tests
+# start, gets its share of the cores for torch's threads instead of all of them (two workers of
+# two threads on two cores stall in each other's thread barriers).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (in their usual order), so the workers share them out early and no
+    worker is left running one long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True, scope="session")
