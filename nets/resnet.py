@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pydantic import PositiveInt
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from nets.common import Dropout, init_weights
 from nets.registry import register
 
 
 def _resnet(
-    block: type[BasicBlock | Bottleneck],
+    block: str,  # torchvision's block class: "BasicBlock" or "Bottleneck"
     layers: tuple[int, int, int, int],
     num_classes: int,
     stem_stride: int,
@@ -28,8 +27,15 @@ def _resnet(
     # torchvision already inits convs with He (fan_out), BN with (1, 0), and zeroes each
     # block's last BN when zero_init_residual (a block starts as the identity). With BN after
     # every conv, fan_in vs fan_out does not matter, so its recipe is kept for the convs.
-    model = ResNet(
-        block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual
+    # Imported here: torchvision.models imports every model family and torch._dynamo, seconds that
+    # every process importing nets would pay for a ResNet it may never build.
+    from torchvision.models import resnet
+
+    model = resnet.ResNet(
+        getattr(resnet, block),
+        list(layers),
+        num_classes=num_classes,
+        zero_init_residual=zero_init_residual,
     )
     # A kernel that covers every pixel: 3x3 up to stride 3; beyond, stride x stride patches (a
     # 3x3 kernel at stride 4 never sees 7 of each 16 pixels, and its saliency maps show the
@@ -54,7 +60,7 @@ def resnet18(
     zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-18: BasicBlock x (2, 2, 2, 2)."""
-    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
+    return _resnet("BasicBlock", (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet34")
@@ -66,7 +72,7 @@ def resnet34(
     zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-34: BasicBlock x (3, 4, 6, 3)."""
-    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
+    return _resnet("BasicBlock", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet50")
@@ -78,7 +84,7 @@ def resnet50(
     zero_init_residual: bool = True,
 ) -> nn.Module:
     """ResNet-50: Bottleneck x (3, 4, 6, 3)."""
-    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
+    return _resnet("Bottleneck", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet50-keras")
@@ -92,7 +98,9 @@ def resnet50_keras(
     stride-2 max-pool, so a 32 px image reaches the last stage as 1x1), global average pooling,
     dropout, one dense layer. Keras's and torchvision's ResNet-50 differ only in where the
     bottleneck strides (Keras: the first 1x1 convolution, torchvision: the 3x3)."""
-    model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    from torchvision.models import resnet  # see _resnet
+
+    model = resnet.ResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
     init_weights(model.fc, linear="xavier")
     model.fc = nn.Sequential(nn.Dropout(dropout), model.fc)  # (B, 2048) -> (B, C)
     return model

@@ -18,31 +18,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from stages.core.errors import PipelineError
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 
 class PretrainedError(PipelineError):
     """Pretrained weights that cannot be found, downloaded or read."""
 
 
-# model name -> its torchvision weights for the model's options (VGG-16 with or without BN).
-PRETRAINED: dict[str, Callable[[dict[str, Any]], tvm.WeightsEnum]] = {
-    "alexnet": lambda opts: tvm.AlexNet_Weights.IMAGENET1K_V1,
-    "vgg16": lambda opts: (
-        tvm.VGG16_BN_Weights.IMAGENET1K_V1
-        if opts.get("batch_norm", True)
-        else tvm.VGG16_Weights.IMAGENET1K_V1
-    ),
-    "resnet18": lambda opts: tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": lambda opts: tvm.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": lambda opts: tvm.ResNet50_Weights.IMAGENET1K_V1,
+# model name -> the name of its torchvision weights for the model's options (VGG-16 with or
+# without BN); `imagenet_weights` looks them up.
+PRETRAINED: dict[str, Callable[[dict[str, Any]], str]] = {
+    "alexnet": lambda opts: "AlexNet_Weights",
+    "vgg16": lambda opts: "VGG16_BN_Weights" if opts.get("batch_norm", True) else "VGG16_Weights",
+    "resnet18": lambda opts: "ResNet18_Weights",
+    "resnet34": lambda opts: "ResNet34_Weights",
+    "resnet50": lambda opts: "ResNet50_Weights",
 }
 
 # torchvision's AlexNet numbers its layers inside `features`; ours names them conv1..conv5.
@@ -51,13 +50,22 @@ _ALEXNET_KEYS = {
 }
 
 
-def weights_file(weights: tvm.WeightsEnum) -> Path:
+def imagenet_weights(model: str, opts: dict[str, Any]) -> WeightsEnum:
+    """torchvision's ImageNet weights of `model` with options `opts` (one of PRETRAINED)."""
+    # Imported here: torchvision.models imports every model family and torch._dynamo, seconds
+    # that every stage process would pay for a model it never loads.
+    from torchvision import models
+
+    return getattr(models, PRETRAINED[model](opts)).IMAGENET1K_V1
+
+
+def weights_file(weights: WeightsEnum) -> Path:
     """Where torch.hub keeps (or would download) this weights file."""
     name = Path(urlparse(weights.url).path).name
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def torchvision_state(weights: tvm.WeightsEnum) -> dict[str, torch.Tensor]:
+def torchvision_state(weights: WeightsEnum) -> dict[str, torch.Tensor]:
     """The weights' state dict, from the hub cache or downloaded into it."""
     path = weights_file(weights)
     if not path.is_file():
@@ -127,7 +135,7 @@ def initialise(model: nn.Module, p: Any) -> nn.Module:
     if init == "scratch":
         return model
     if init == "pretrained":
-        weights = PRETRAINED[p.model](p.net)
+        weights = imagenet_weights(p.model, p.net)
         state = torchvision_state(weights)
         if p.model == "alexnet":
             state = _rename_alexnet(state)

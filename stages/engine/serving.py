@@ -42,6 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,6 @@ import numpy as np
 import pandas as pd
 import PIL
 import torch
-import torchvision
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -306,7 +306,7 @@ def package(file: Path, state: dict[str, Any]) -> dict[str, Any]:
     # is not on PyPI, so it cannot be listed: the model is served where it is installed.
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
-        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"torchvision=={version('torchvision').split('+')[0]}",  # not imported: seconds
         f"pillow=={PIL.__version__}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
