@@ -83,6 +83,11 @@ REPO = Path(__file__).resolve().parents[1]
 CTRL_C_WHILE_IMPORTING = """
 import os, runpy, signal, sys
 module = sys.argv[1]
+# Ctrl-C as a shell leaves it to a command: Python's handler, the signal not blocked (a test
+# runner's worker may have passed it on ignored or blocked, and the signal would never land).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+assert module not in sys.modules, module + " is imported already: no Ctrl-C would land in it"
 class CtrlC:
     def find_spec(self, name, path=None, target=None):
         if name == module:
