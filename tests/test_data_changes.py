@@ -123,7 +123,6 @@ def test_inputs_makes_a_missing_or_empty_data_folder_and_leaves_yours_alone(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("data-changes-clone")  # the next test goes on in its clone
 @needs_git
 def test_a_fresh_clone_runs_clean_and_every_data_change_reruns_download(clone):
     root = clone.root
@@ -180,13 +179,7 @@ def test_a_fresh_clone_runs_clean_and_every_data_change_reruns_download(clone):
             assert clone.repro() == ["download"]  # out/raw the same: preprocess not redone
     assert clone.changed() == []
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("data-changes-clone")
-@needs_git
-def test_after_dvc_add_data_a_change_is_recorded_and_reruns_download(clone):
-    """Runs after the test above, in the same clone: data/ holds the folder dataset."""
-    root = clone.root
+    # Then data/ under DVC (`dvc add data`): a change is recorded in data.dvc and reruns download.
     clone.versioned = True
     clone.run("dvc", "add", "data")
     recorded = yaml.safe_load((root / "data.dvc").read_text())
