@@ -8,12 +8,14 @@ import torch
 from helpers import processes
 from helpers.processes import clone
 
+from stages.data.images import available_cores
+
 # pytest-xdist runs one worker per core (pyproject.toml): each worker, and every process its tests
 # start, gets its share of the cores for torch's threads instead of all of them (two workers of
 # two threads on two cores stall in each other's thread barriers).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _threads = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    _threads = max(1, available_cores() // _WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
 
