@@ -129,6 +129,8 @@ def augmentation_views(t: TrainParams) -> list[tuple[str, dict]]:
         ("+ colour jitter " + ", ".join(f"{k} {v:g}" for k, v in jitter.items() if v), jitter,
          any(jitter.values())),
         (f"+ cutout {t.cutout} px", {"cutout_size": t.cutout}, t.cutout > 0),
+        (f"+ progressive resizing: rescaled to {t.resize_from} px up to epoch {t.resize_start}",
+         {"rescale": t.resize_from}, t.resize_from > 0),
     ]  # fmt: skip
     views += [(title, crop | change) for title, change, on in extras if on]
     if len(views) > 2:

@@ -154,9 +154,27 @@ def record(name: str, root: Path = Path(".")) -> Path:
     return out
 
 
+# Keys params gained after records were made, with the value that does what the code did
+# before them: a record without such a key ran as with that value.
+ADDED = {
+    "preprocess.tuning_split": 0,
+    "train.resize_from": 0,
+    "train.resize_start": 0,
+    "train.resize_end": 0,
+}
+
+
 def load_records(root: Path = Path(".")) -> dict[str, dict]:
-    """Every record in records/, by name."""
-    return {f.stem: json.loads(f.read_text()) for f in sorted((root / RECORDS).glob("*.json"))}
+    """Every record in records/, by name (its params completed with `ADDED`)."""
+    found = {f.stem: json.loads(f.read_text()) for f in sorted((root / RECORDS).glob("*.json"))}
+    for r in found.values():
+        for key, value in ADDED.items():
+            *sections, name = key.split(".")
+            section = r["params"]
+            for part in sections:
+                section = section[part]
+            section.setdefault(name, value)
+    return found
 
 
 def _machine(run: dict) -> str:

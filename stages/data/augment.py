@@ -204,15 +204,19 @@ def augment(
     saturation: float = 0.0,
     hue: float = 0.0,
     cutout_size: int = 0,
+    rescale: int | None = None,
     index: torch.Tensor | None = None,
     within: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Random crop (after zero padding) or resized crop, flips, colour jitter, cutout.
+    """Random crop (after zero padding) or resized crop, flips, rescaling, colour jitter,
+    cutout.
 
     Every random parameter is drawn per sample. images (N, H, W, 3) uint8, of which `index`
-    (B,) is the batch (default: all of them) -> (B, 3, size, size) float in [0, 1].
-    `resized_crop_scale` set = random-resized-crop with that smallest area. `within=(offset,
-    total)`: the batch is this rank's part of a global batch of `total` (see `Draws`).
+    (B,) is the batch (default: all of them) -> (B, 3, size, size) float in [0, 1], or (B, 3,
+    rescale, rescale) with `rescale`: the crop, with all it shows, at that lower resolution
+    (progressive resizing). `resized_crop_scale` set = random-resized-crop with that smallest
+    area. `within=(offset, total)`: the batch is this rank's part of a global batch of `total`
+    (see `Draws`).
     """
     if index is not None and (pad or resized_crop_scale is not None):
         images, index = images[index], None  # those two work on the batch's own copy
@@ -230,6 +234,9 @@ def augment(
         x = crop_flip(images, top, left, mirror, size, upside if vflip else None, index)
     else:
         x = resized_crop(images, size, resized_crop_scale, mirror, upside, draw)
+    if rescale is not None and rescale != size:
+        # Antialiased, so the small image is the crop seen from further away, not aliased.
+        x = F.interpolate(x, size=(rescale, rescale), mode="bilinear", antialias=True)
     if brightness or contrast or saturation or hue:
         x = colour_jitter(x, brightness, contrast, saturation, hue, draw)
     if cutout_size:
@@ -237,10 +244,13 @@ def augment(
     return x
 
 
-def augment_options(t) -> dict:
-    """`augment` keyword arguments from TrainParams `t` (all but images and generator)."""
+def augment_options(t, epoch: int | None = None) -> dict:
+    """`augment` keyword arguments from TrainParams `t` (all but images and generator), for
+    training epoch `epoch` (its crop side, see TrainParams.crop_side; None: the last one's)."""
+    side = t.crop_size if epoch is None else t.crop_side(epoch)
     return {
         "size": t.crop_size,
+        "rescale": side if side != t.crop_size else None,
         "pad": t.pad,
         "flip": t.flip,
         "vflip": t.vflip,

@@ -82,7 +82,7 @@ def train_one_epoch(
     seen = 0
     # A GPU syncs to test the loss; there it is read every 25 steps, on the CPU every step.
     check = 1 if device.type == "cpu" else 25
-    options = augment_options(settings)
+    options = augment_options(settings, epoch)
     desc = f"epoch {epoch}/{settings.epochs}"
     batches = train.steps(order, batch, steps, part)
     bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=not sys.stderr.isatty())

@@ -98,6 +98,9 @@ class PreprocessParams(_Section):
     image_size: int = Field(ge=8, le=1024)  # side of `folder` and `shapes` images
     skip_bad_images: bool  # false: an undecodable file fails the stage, listing it
     workers: NonNegativeInt  # processes decoding images; 0 = every available core
+    # Training images held out (stratified, by `seed`) as the validation set in place of the
+    # official one, to choose hyperparameters without looking at it (0 = the official set).
+    tuning_split: NonNegativeInt
     shapes: ShapesParams
 
 
@@ -134,6 +137,11 @@ class TrainParams(_Section):
     saturation: float = Field(ge=0, lt=1)
     hue: float = Field(ge=0, le=0.5)  # largest hue rotation, a fraction of the wheel
     cutout: NonNegativeInt  # side of the zeroed square (px) cut from each image (0 = off)
+    # Progressive resizing: the random crops are rescaled to `resize_from` px up to epoch
+    # `resize_start`, then grow linearly to crop_size at epoch `resize_end` (0 = off).
+    resize_from: NonNegativeInt
+    resize_start: NonNegativeInt
+    resize_end: NonNegativeInt
     precision: Literal["auto", "fp32", "bf16", "fp16"]  # autocast dtype
     memory_format: Literal["auto", "channels_last", "contiguous"]
     compile: bool  # torch.compile the model
@@ -185,6 +193,19 @@ class TrainParams(_Section):
             " (half the crop), or cutout erases whole images",
             "cutout",
         )
+        if self.resize_from:
+            check(
+                8 <= self.resize_from < self.crop_size,
+                f"is {self.resize_from}: use 0 (off) or a side from 8 to train.crop_size - 1"
+                f" ({self.crop_size - 1})",
+                "resize_from",
+            )
+            check(
+                self.resize_start <= self.resize_end <= self.epochs,
+                f"is {self.resize_end}: the ramp must end after train.resize_start"
+                f" ({self.resize_start}) and by train.epochs ({self.epochs})",
+                "resize_end",
+            )
         check(
             self.loss == "cross_entropy" or self.label_smoothing == 0,
             "applies to loss cross_entropy only",
@@ -196,6 +217,17 @@ class TrainParams(_Section):
             "freeze_epochs",
         )
         return self
+
+    def crop_side(self, epoch: int) -> int:
+        """The side the training crops are rescaled to in `epoch` (1-based): train.crop_size,
+        or with progressive resizing the ramp from train.resize_from, in steps of 8 px."""
+        if not self.resize_from or epoch > self.resize_end:
+            return self.crop_size
+        if epoch <= self.resize_start:
+            return self.resize_from
+        grown = (self.crop_size - self.resize_from) * (epoch - self.resize_start)
+        side = self.resize_from + grown // (self.resize_end - self.resize_start)
+        return min(self.crop_size, max(self.resize_from, side // 8 * 8))
 
 
 class EvaluateParams(_Section):

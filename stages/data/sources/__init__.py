@@ -35,6 +35,11 @@ def check_params(p: Params) -> None:
     source = SOURCES[p.dataset]
     if source.check is not None:
         source.check(p)
+    if p.preprocess.tuning_split and not source.tuning_split:
+        supported = ", ".join(name for name, s in SOURCES.items() if s.tuning_split)
+        raise ParamsError(
+            f"preprocess.tuning_split: supported for {supported}, not {p.dataset}; set it to 0"
+        )
     size = source.image_size or p.preprocess.image_size
     if p.train.crop_size > size + 2 * p.train.pad:
         raise ParamsError(

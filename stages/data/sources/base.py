@@ -88,6 +88,9 @@ class Source:
     local_origin: Callable[[DownloadParams], str] | None = None
     # How to get the files when they have no public address (a login, a licence).
     manual: str = ""
+    # The reader honours preprocess.tuning_split (holds out training images as the validation
+    # set, the official one unused).
+    tuning_split: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -147,18 +150,29 @@ def pad_and_stack(images: np.ndarray, size: int = 32) -> np.ndarray:
 def val_split(labels: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a stratified train/validation split (`preprocess.val_fraction`, `seed`), for
     sources without an official validation set."""
+    return _stratified(labels, p, "val_fraction", p.preprocess.val_fraction)
+
+
+def holdout(labels: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training images kept for training and of those held out as the
+    validation set (`preprocess.tuning_split` of them, stratified by `seed`), for sources whose
+    official validation set is kept for the final score."""
+    return _stratified(labels, p, "tuning_split", p.preprocess.tuning_split)
+
+
+def _stratified(
+    labels: np.ndarray, p: Params, key: str, size: float
+) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     try:
         train, val = train_test_split(
-            np.arange(len(labels)),
-            test_size=p.preprocess.val_fraction,
-            stratify=labels,
-            random_state=p.seed,
+            np.arange(len(labels)), test_size=size, stratify=labels, random_state=p.seed
         )
-    except ValueError as err:  # a class too small to appear in both splits
+    except ValueError as err:  # a class too small to appear in both splits, or too many
         raise PipelineError(
-            f"{p.dataset}: cannot split off preprocess.val_fraction={p.preprocess.val_fraction}"
-            f" per class ({err}); add images to small classes"
+            f"{p.dataset}: cannot split preprocess.{key}={size} off the training images with"
+            f" every class in both parts ({err}); add images to small classes or hold out"
+            " fewer"
         ) from None
     return train, val

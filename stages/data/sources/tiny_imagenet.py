@@ -21,6 +21,7 @@ from stages.data.sources.base import (
     NotOfficialError,
     RemoteFile,
     Source,
+    holdout,
     plain,
     require,
     visible,
@@ -154,7 +155,7 @@ def extracted(data_dir: Path) -> list[Path] | None:
     return [root]
 
 
-def read(raw: Path, _: Params, out: ProcessedWriter) -> list[str]:
+def read(raw: Path, p: Params, out: ProcessedWriter) -> list[str]:
     root = require(raw / FOLDER, "folder")
     # Sorted wnids: the class order torchvision's ImageFolder would give the train folders.
     listed = require(root / "wnids.txt")
@@ -190,6 +191,13 @@ def read(raw: Path, _: Params, out: ProcessedWriter) -> list[str]:
     test_dir = require(root / "test" / "images", "folder")
     test_files = [f for f in visible(test_dir) if f.is_file()]
 
+    if p.preprocess.tuning_split:  # the official validation set stays unseen
+        train, held = holdout(np.asarray(train_labels), p)
+        val_files, val_labels = [train_files[i] for i in held], [train_labels[i] for i in held]
+        train_files, train_labels = (
+            [train_files[i] for i in train],
+            [train_labels[i] for i in train],
+        )
     out.decode("train", train_files, np.asarray(train_labels), SIZE)
     out.decode("val", val_files, np.asarray(val_labels), SIZE)
     # Unlabelled: kept apart from everything with labels, for `convnet submit`.
@@ -208,4 +216,5 @@ SOURCE = Source(
     read=read,
     files=FILES,
     extracted=extracted,
+    tuning_split=True,
 )
