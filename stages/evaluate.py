@@ -21,6 +21,7 @@ from stages.core import paths
 from stages.core.files import atomic_dir, write_json
 from stages.core.runlog import run_log
 from stages.data.processed import load_processed
+from stages.engine.device import has_conv
 from stages.engine.inference import nll, topk_accuracy
 from stages.engine.model import load_trained
 from stages.params import Params
@@ -53,6 +54,15 @@ def evaluate(p: Params) -> dict:
         probs[name] = trained.predict(data.val_images, crops, p.evaluate.batch_size)
         metrics[name] = topk_accuracy(probs[name], labels) | {"loss": nll(probs[name], labels)}
     metrics["ten_crop_gain_top1"] = metrics["ten_crop"]["top1"] - metrics["single_crop"]["top1"]
+    if trained.stored_size > trained.crop_size and has_conv(trained.model):
+        # The whole image (and its mirror): a net trained on random crops sees objects larger
+        # than a centre crop of the same side shows them, so a higher test resolution can score
+        # higher (Touvron et al., "Fixing the train-test resolution discrepancy", 2019). Conv
+        # nets only: their pooling takes any size.
+        views = [data.val_images] + ([data.val_images[:, :, ::-1]] if trained.mirrored else [])
+        size, batch = trained.stored_size, p.evaluate.batch_size
+        whole = sum(trained.predict(v, 1, batch, size) for v in views) / len(views)
+        metrics["full_image"] = topk_accuracy(whole, labels) | {"loss": nll(whole, labels)}
     preds = probs["ten_crop"].argmax(1).numpy()
     truth = labels.numpy()
 
@@ -74,7 +84,8 @@ def evaluate(p: Params) -> dict:
 
     # Added to the training's run, which stays as the training left it (see run_log).
     with run_log(None, state["mlflow_run_id"], attach=True) as log:
-        scores = {f"{crop}_{k}": metrics[crop][k] for crop in probs for k in ("top1", "top5")}
+        views = [v for v in ("single_crop", "ten_crop", "full_image") if v in metrics]
+        scores = {f"{v}_{k}": metrics[v][k] for v in views for k in ("top1", "top5")}
         log.batch(
             "the metrics", metrics=scores | {"ten_crop_gain_top1": metrics["ten_crop_gain_top1"]}
         )
@@ -83,6 +94,11 @@ def evaluate(p: Params) -> dict:
         f"evaluate: top-1 {metrics['single_crop']['top1']:.2%} single crop,"
         f" {metrics['ten_crop']['top1']:.2%} 10-crop"
         f" (top-5 {metrics['single_crop']['top5']:.2%} / {metrics['ten_crop']['top5']:.2%})"
+        + (
+            f"; whole {trained.stored_size} px image {metrics['full_image']['top1']:.2%}"
+            if "full_image" in metrics
+            else ""
+        )
         + ("" if trained.mirrored else "; trained without flips: 5 crops, no mirrored views")
     )
     return metrics

@@ -130,12 +130,14 @@ class Trained:
         return int(self.state["stored_size"])
 
     def predict(
-        self, images: np.ndarray | torch.Tensor, crops: int = 1, batch_size: int = 256
-    ) -> torch.Tensor:
-        """Class probabilities (N, K) on the CPU for uint8 images (N, stored, stored, 3); 10
-        crops leave the mirrored ones out for a model trained without flips."""
+        self, images: np.ndarray | torch.Tensor, crops: int = 1, batch_size: int = 256,
+        size: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Class probabilities (N, K) on the CPU for uint8 images (N, stored, stored, 3), from
+        crops of the training's side (or `size`); 10 crops leave the mirrored ones out for a
+        model trained without flips."""
         return predict_proba(
-            self.model, images, self.crop_size, crops, batch_size, speed=self.speed,
+            self.model, images, size or self.crop_size, crops, batch_size, speed=self.speed,
             mirror=self.mirrored,
         )  # fmt: skip
 
