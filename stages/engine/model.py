@@ -52,29 +52,35 @@ def check_model_params(p: Params) -> None:
     smallest = smallest_input(p.model, p.net, p.train.crop_size)
     check(smallest is None, "train.crop_size", f"is {p.train.crop_size} but {p.model} needs"
           f" crops of at least {smallest} px")  # fmt: skip
+    if p.train.resize_from:  # progressive resizing: the net built for the crops takes less
+        side, crop = p.train.resize_from, p.train.crop_size
+        check(_takes(p.model, p.net, crop, side, "cpu"), "train.resize_from", f"is {side} but"
+              f" {p.model}, built for {crop} px crops, cannot take {side} px inputs; use a"
+              " conv net (its pooling takes any size) or set 0")  # fmt: skip
     if p.train.init == "pretrained":
         check(p.model in PRETRAINED, "train.init", f"no pretrained weights for {p.model};"
               f" models with them: {', '.join(PRETRAINED)}")  # fmt: skip
 
 
+def _takes(name: str, options: dict[str, Any], built: int, side: int, device: str) -> bool:
+    """Whether model `name`, built for `built` px images, runs on `side` px inputs."""
+    with torch.device(device), torch.no_grad():
+        model = nets.build(name, 2, built, **options).eval()
+        try:
+            model(torch.zeros(2, 3, side, side))
+        except RuntimeError:  # an output map of size 0, a pooling window larger than it, a
+            return False  # dense layer of another input size
+    return True
+
+
 def smallest_input(name: str, options: dict[str, Any], size: int) -> int | None:
     """None when model `name` takes `size` px inputs, else the smallest side it takes."""
-
-    def takes(side: int, device: str) -> bool:
-        with torch.device(device), torch.no_grad():
-            model = nets.build(name, 2, side, **options).eval()
-            try:
-                model(torch.zeros(2, 3, side, side))
-            except RuntimeError:  # an output map of size 0, a pooling window larger than it
-                return False
-        return True
-
     # The side asked for is tried on the CPU (a build and two images: well under a second);
     # the search for the smallest side on the meta device (shapes only, no memory), whose Python
     # kernels import torch._dynamo: 1.6 s every stage would pay for a check that passes.
-    if takes(size, "cpu"):
+    if _takes(name, options, size, size, "cpu"):
         return None
-    return next(side for side in range(size + 1, 1025) if takes(side, "meta"))
+    return next(side for side in range(size + 1, 1025) if _takes(name, options, side, side, "meta"))
 
 
 def build_model(p: Params, data: Processed) -> nn.Module:

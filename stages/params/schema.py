@@ -138,7 +138,7 @@ class TrainParams(_Section):
     hue: float = Field(ge=0, le=0.5)  # largest hue rotation, a fraction of the wheel
     cutout: NonNegativeInt  # side of the zeroed square (px) cut from each image (0 = off)
     # Progressive resizing: the random crops are rescaled to `resize_from` px up to epoch
-    # `resize_start`, then grow linearly to crop_size at epoch `resize_end` (0 = off).
+    # `resize_start`, then grow linearly to crop_size, reached at epoch `resize_end` (0 = off).
     resize_from: NonNegativeInt
     resize_start: NonNegativeInt
     resize_end: NonNegativeInt
@@ -201,9 +201,9 @@ class TrainParams(_Section):
                 "resize_from",
             )
             check(
-                self.resize_start <= self.resize_end <= self.epochs,
-                f"is {self.resize_end}: the ramp must end after train.resize_start"
-                f" ({self.resize_start}) and by train.epochs ({self.epochs})",
+                self.resize_start < self.resize_end <= self.epochs,
+                f"is {self.resize_end}: the ramp ends at an epoch after train.resize_start"
+                f" ({self.resize_start}), at most train.epochs ({self.epochs})",
                 "resize_end",
             )
         check(
@@ -221,7 +221,7 @@ class TrainParams(_Section):
     def crop_side(self, epoch: int) -> int:
         """The side the training crops are rescaled to in `epoch` (1-based): train.crop_size,
         or with progressive resizing the ramp from train.resize_from, in steps of 8 px."""
-        if not self.resize_from or epoch > self.resize_end:
+        if not self.resize_from or epoch >= self.resize_end:
             return self.crop_size
         if epoch <= self.resize_start:
             return self.resize_from
