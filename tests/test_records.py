@@ -108,3 +108,19 @@ def test_records_are_plain_json_with_their_name(tmp_path):
     for name, r in ALL.items():
         assert r["name"] == name
         json.dumps(r)  # nothing but JSON
+
+
+def test_time_to_accuracy_draws_the_records_it_is_given(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tta", REPO / "tools/time_to_accuracy.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "curves.png"
+    assert tool.main([str(out), "mnist-*", "digits-alexnet"]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    drawn = capsys.readouterr().out
+    assert "digits-alexnet" in drawn and "mnist-vgg16-keras-sgd-e3" in drawn
+    with pytest.raises(SystemExit) as stopped:
+        tool.main([str(tmp_path / "none.png"), "no-such-record"])
+    assert stopped.value.code == 2 and not (tmp_path / "none.png").exists()

@@ -202,9 +202,10 @@ def table(records: list[dict]) -> str:
         if ref is not None and ref.source not in cited:
             cited.append(ref.source)
         mark = f"{ref.top1:.2f}% [{cited.index(ref.source) + 1}]" if ref else ""
+        whole = f" (whole image {_pct(m['full_image']['top1'])})" if "full_image" in m else ""
         lines.append(
             f"| `{r['command']}` | {r['model']} | {run['epochs']} |"
-            f" {_pct(m['single_crop']['top1'])} |"
+            f" {_pct(m['single_crop']['top1'])}{whole} |"
             f" {_pct(m['ten_crop']['top1'])} / {_pct(m['ten_crop']['top5'])} | {mark} |"
             f" {duration(run['train_seconds'])} | {run['precision']}, {run['memory_format']} |"
             f" {_machine(run)} ({run['load_average'].split()[-1]}) |"
