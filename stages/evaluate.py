@@ -84,8 +84,8 @@ def evaluate(p: Params) -> dict:
 
     # Added to the training's run, which stays as the training left it (see run_log).
     with run_log(None, state["mlflow_run_id"], attach=True) as log:
-        views = [v for v in ("single_crop", "ten_crop", "full_image") if v in metrics]
-        scores = {f"{v}_{k}": metrics[v][k] for v in views for k in ("top1", "top5")}
+        scored = [v for v in ("single_crop", "ten_crop", "full_image") if v in metrics]
+        scores = {f"{v}_{k}": metrics[v][k] for v in scored for k in ("top1", "top5")}
         log.batch(
             "the metrics", metrics=scores | {"ten_crop_gain_top1": metrics["ten_crop_gain_top1"]}
         )
