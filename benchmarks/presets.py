@@ -10,7 +10,8 @@ tiny-imagenet, the model, optimizer, schedule and augmentation are built exactly
 stage builds them (its params as conf/ composes them, on the CPU), then trained for --steps
 steps by the engine's own loop (stages.engine.loop.train_one_epoch, on 10 random parts of the
 real training set of --steps/10 batches each).
-Prints the mean loss of each tenth of the steps (falling: it learns), the training images/s, and
+Prints the mean loss of each tenth of the steps (falling: it learns), the training images/s (also
+without the first tenth, where `compile` and the first steps' warm-up fall), and
 epochs x 100,000 images / that rate: the recipe's training time here (validation not counted).
 With --variant (a comma-separated list of overrides, given once per variant), each preset runs
 once per variant, the variants of a preset one after the other, so their ratio is measured under
@@ -51,7 +52,7 @@ def bench(name: str, processed: Path, steps: int, variant: str) -> str:
     data = load_processed(p.preprocess_inputs(), folder=processed)
     torch.manual_seed(p.seed)
     run, _ = train_stage._build(p, Dist(), CPU, data)  # exactly as the train stage builds it
-    losses, seen, seconds = [], 0.0, 0.0
+    losses, seen, seconds = [], [], []  # per tenth of the steps
     batches = max(1, steps // 10)  # an "epoch" here: this many batches of a random part
     size = batches * p.train.batch_size
     order = torch.randperm(len(data.train_labels)).numpy()
@@ -60,15 +61,18 @@ def bench(name: str, processed: Path, steps: int, variant: str) -> str:
         train = Resident(data.train_images[part], data.train_labels[part], CPU)
         start = time.perf_counter()
         row = train_one_epoch(run, train, p.train, 1)
-        seconds += time.perf_counter() - start
+        seconds.append(time.perf_counter() - start)
         losses.append(row["train_loss"])
-        seen += row["images"]
-    rate = seen / seconds
+        seen.append(row["images"])
+    rate = sum(seen) / sum(seconds)
+    # Without the first tenth: the rate once compile and the allocator's warm-up are paid.
+    steady = sum(seen[1:]) / sum(seconds[1:]) if len(seen) > 1 else rate
     recipe = p.train.epochs * len(data.train_labels) / rate
     falling = "falling" if losses[-1] < losses[0] else "NOT falling"
     return (
         f"| {name} | {variant or '-'} | {p.model} | {p.train.batch_size} | {p.train.epochs} |"
-        f" {rate:,.1f} | {' '.join(f'{v:.2f}' for v in losses)} ({falling}) | {hours(recipe)} |"
+        f" {rate:,.1f} | {steady:,.1f} | {' '.join(f'{v:.2f}' for v in losses)} ({falling}) |"
+        f" {hours(recipe)} |"
     )
 
 
@@ -90,9 +94,9 @@ def main() -> None:
         if params_module.compose(REPO / "conf", [f"recipe={n}"])["dataset"] == "tiny-imagenet"
     ]  # fmt: skip
     print(f"{a.steps} steps each, {torch.get_num_threads()} threads, {a.processed}")
-    print("| preset | variant | model | batch | epochs | images/s | loss per tenth of the steps |"
-          " recipe's training time here |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | variant | model | batch | epochs | images/s | images/s after the first"
+          " tenth | loss per tenth of the steps | recipe's training time here |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for variant in a.variant or [""]:
             print(bench(name, a.processed, a.steps, variant), flush=True)

@@ -27,6 +27,8 @@ CONF = REPO / "conf"
 RECIPES = sorted(f.stem for f in (CONF / "recipe").glob("*.yaml"))
 # Shrinks a recipe to two steps of four images; every other key keeps the recipe's value.
 TINY = ["train.epochs=1", "train.batch_size=4", "train.warmup_epochs=0", "train.device=cpu"]
+# A recipe with progressive resizing keeps it: one epoch at its first side, one at its crop.
+RAMP = ["train.epochs=2", "train.resize_start=1", "train.resize_end=2"]
 
 
 def group_file(group: str, name: str) -> dict:
@@ -119,7 +121,8 @@ def test_a_choice_on_the_command_line_beats_the_recipe():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_trains_two_steps(name, tmp_path, monkeypatch):
-    p = params.from_dict(params.compose(CONF, [f"recipe={name}", *TINY]))
+    ramp = RAMP if group_file("recipe", name)["train"].get("resize_from") else []
+    p = params.from_dict(params.compose(CONF, [f"recipe={name}", *TINY, *ramp]))
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
     make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 8, dataset=p.dataset)
     monkeypatch.chdir(tmp_path)
