@@ -99,6 +99,10 @@ def test_a_recipe_states_only_what_it_changes(name):
         for entry in recipe["defaults"]
         if isinstance(entry, dict)
         for key, value in entry.items()
+    ] + [  # a recipe it extends (another of conf/recipe/, by name)
+        f"recipe={entry}"
+        for entry in recipe["defaults"]
+        if isinstance(entry, str) and entry != "_self_"
     ]
     inherited = params.flatten(params.compose(CONF, choices))
     own = params.flatten({k: v for k, v in recipe.items() if k not in ("defaults", "recipe")})
@@ -121,8 +125,9 @@ def test_a_choice_on_the_command_line_beats_the_recipe():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_trains_two_steps(name, tmp_path, monkeypatch):
-    ramp = RAMP if group_file("recipe", name)["train"].get("resize_from") else []
-    p = params.from_dict(params.compose(CONF, [f"recipe={name}", *TINY, *ramp]))
+    shrunk = [f"recipe={name}", *TINY]
+    ramp = RAMP if params.compose(CONF, shrunk)["train"]["resize_from"] else []
+    p = params.from_dict(params.compose(CONF, [*shrunk, *ramp]))
     # Processed data shaped like the recipe's dataset (images crop + 8 px, as its sets are).
     make_processed(tmp_path, n_train=8, n_val=4, size=p.train.crop_size + 8, dataset=p.dataset)
     monkeypatch.chdir(tmp_path)
