@@ -4,9 +4,8 @@ torchvision's class is reused rather than rewritten so the state-dict keys match
 pretrained weights everywhere except conv1 (useful for transfer learning later). Its stem (7x7
 stride 2 + max-pool) shrinks a 32 px image 4x before layer1; here it is one conv of stride
 `stem_stride` (3x3, or stride x stride patches beyond stride 3) and no max-pool, as in the CIFAR
-ResNets; with `deep_stem`, a stride-2 3x3 convolution per halving instead (32 channels, batch
-norm and ReLU between; the last gives layer1 its 64). `resnet50-keras` keeps torchvision's (and
-Keras's) ImageNet stem, for comparison with Keras write-ups that train ResNet50 on 32 px images.
+ResNets. `resnet50-keras` keeps torchvision's (and Keras's) ImageNet stem, for comparison with
+Keras write-ups that train ResNet50 on 32 px images.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ def _resnet(
     num_classes: int,
     stem_stride: int,
     zero_init_residual: bool,
-    deep_stem: bool,
 ) -> nn.Module:
     # torchvision already inits convs with He (fan_out), BN with (1, 0), and zeroes each
     # block's last BN when zero_init_residual (a block starts as the identity). With BN after
@@ -47,19 +45,8 @@ def _resnet(
     model.conv1 = nn.Conv2d(
         3, 64, kernel, stride=stem_stride, padding=1 if kernel == 3 else 0, bias=False
     )  # (B, 64, s, s)
-    if deep_stem:  # the same maps from 3x3 convolutions; model.bn1 and model.relu follow
-        halvings = stem_stride.bit_length() - 1
-        if stem_stride != 2**halvings or not halvings:
-            raise ValueError(f"deep_stem needs a stem_stride of 2, 4, 8, ..., got {stem_stride}")
-        widths, stem = [3] + [32] * (halvings - 1) + [64], []
-        for i in range(halvings):
-            stem.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1, bias=False))
-            if i < halvings - 1:
-                stem += [nn.BatchNorm2d(widths[i + 1]), nn.ReLU(inplace=True)]
-        model.conv1 = nn.Sequential(*stem)
     model.maxpool = nn.Identity()
-    for conv in (m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)):
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     init_weights(model.fc, linear="xavier")  # the project's convention for Linear layers
     return model
 
@@ -71,12 +58,9 @@ def resnet18(
     *,
     stem_stride: PositiveInt = 1,
     zero_init_residual: bool = True,
-    deep_stem: bool = False,
 ) -> nn.Module:
     """ResNet-18: BasicBlock x (2, 2, 2, 2)."""
-    return _resnet(
-        "BasicBlock", (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual, deep_stem
-    )
+    return _resnet("BasicBlock", (2, 2, 2, 2), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet34")
@@ -86,12 +70,9 @@ def resnet34(
     *,
     stem_stride: PositiveInt = 1,
     zero_init_residual: bool = True,
-    deep_stem: bool = False,
 ) -> nn.Module:
     """ResNet-34: BasicBlock x (3, 4, 6, 3)."""
-    return _resnet(
-        "BasicBlock", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual, deep_stem
-    )
+    return _resnet("BasicBlock", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet50")
@@ -101,12 +82,9 @@ def resnet50(
     *,
     stem_stride: PositiveInt = 1,
     zero_init_residual: bool = True,
-    deep_stem: bool = False,
 ) -> nn.Module:
     """ResNet-50: Bottleneck x (3, 4, 6, 3)."""
-    return _resnet(
-        "Bottleneck", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual, deep_stem
-    )
+    return _resnet("Bottleneck", (3, 4, 6, 3), num_classes, stem_stride, zero_init_residual)
 
 
 @register("resnet50-keras")

@@ -119,15 +119,6 @@ def test_options_change_the_model() -> None:
     assert big.body.features.conv2.kernel_size == (5, 5)
     assert count(nets.build("vgg16", NUM_CLASSES, 32), nn.Conv2d) == 10
     assert nets.build("resnet18", NUM_CLASSES, 64, stem_stride=2).body.conv1.stride == (2, 2)
-    deep = nets.build("resnet18", NUM_CLASSES, 56, stem_stride=4, deep_stem=True)
-    strides = [m.stride for m in deep.body.conv1.modules() if isinstance(m, nn.Conv2d)]
-    assert strides == [(2, 2), (2, 2)] and deep.body.conv1[-1].out_channels == 64
-    maps = deep.body.layer1(
-        deep.body.relu(deep.body.bn1(deep.body.conv1(torch.rand(2, 3, 56, 56))))
-    )
-    assert maps.shape == (2, 64, 14, 14)  # what the patch stem of stride 4 gives layer1
-    with pytest.raises(ValueError, match="deep_stem needs a stem_stride of 2, 4, 8, ..., got 3"):
-        nets.build("resnet18", NUM_CLASSES, 56, stem_stride=3, deep_stem=True)
 
 
 def _crafted_mean(size: int) -> torch.Tensor:
